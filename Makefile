@@ -1,0 +1,86 @@
+# edgesr front door. `make help` lists the targets; `make demo` and `make test` set up on first run.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BIN ?= python3.11
+VENV := .venv
+DEVICE_VENV := .venv-device
+PY := $(VENV)/bin/python
+DEVICE_PY := $(DEVICE_VENV)/bin/python
+PIP_FLAGS := --disable-pip-version-check -q
+
+# Knobs (override on the command line, e.g. `make compress SPARSITY=0.9`).
+METHOD ?= magnitude
+SPARSITY ?= 0.8
+STEPS ?= 400
+CKPT ?= checkpoints/edsr-tiny-x2/model.pt
+OUT ?= runs/latest
+FORMATS ?= tflite,coreml
+TILE ?= 128
+ARTIFACTS ?= $(OUT)/convert
+BUDGETS ?=
+TARGETS ?= local
+TEST_SET ?= sporco
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test test-all lint compress convert bench report clean
+
+help: ## list the targets
+	@echo "edgesr make targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo "knobs: METHOD SPARSITY STEPS CKPT OUT FORMATS TILE ARTIFACTS BUDGETS TARGETS TEST_SET PYTEST_ARGS (see README)"
+
+setup: $(VENV)/.ok $(DEVICE_VENV)/.ok ## build the workstation venv (.venv) and the device venv (.venv-device)
+
+$(VENV)/.ok: constraints.txt pyproject.toml
+	@echo "setting up $(VENV) (torch 2.13.0 CPU, litert-torch, coremltools, tensorflow-cpu; a few minutes, ~3.6 GB)"
+	$(PYTHON_BIN) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[dev]'
+	@# sporco only ships the test photos we read; its numerical deps (pyfftw, ...) are not needed.
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps sporco==0.2.2.post1
+	touch $@
+
+$(DEVICE_VENV)/.ok:
+	@echo "setting up $(DEVICE_VENV): what a device has (ai-edge-litert + numpy, no torch)"
+	$(PYTHON_BIN) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) ai-edge-litert==2.3.0 numpy==2.4.6
+	touch $@
+
+demo: setup ## prune the shipped x2 model to 80%, convert dense+sparse to TFLite and Core ML, bench locally, report
+	$(PY) -m compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --sparsity 0.8 --steps 300 \
+		--out runs/demo/pruned
+	$(PY) -m convert --checkpoint checkpoints/edsr-tiny-x2/model.pt --formats tflite --tile $(TILE) \
+		--name edsr-tiny-x2-dense --out runs/demo/convert-unpruned
+	$(PY) -m convert --checkpoint runs/demo/pruned/model.pt --formats tflite,coreml --tile $(TILE) \
+		--name edsr-tiny-x2-pruned80 --out runs/demo/convert
+	$(PY) -m device_bench bench runs/demo/convert-unpruned runs/demo/convert --targets local \
+		--budgets configs/demo-budgets.yaml --out runs/demo
+	@echo "demo done: runs/demo/report.md, runs/demo/report.json, runs/demo/psnr_vs_size.png"
+
+test: setup ## run the default test suite (fast; excludes slow and vm tests)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: setup ## run every test, slow ones included
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+lint: setup ## ruff format check and lint
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
+
+compress: setup ## prune CKPT with METHOD to SPARSITY over STEPS, into OUT/pruned
+	$(PY) -m compress prune --checkpoint $(CKPT) --method $(METHOD) --sparsity $(SPARSITY) --steps $(STEPS) \
+		--test-set $(TEST_SET) --out $(OUT)/pruned
+
+convert: setup ## convert CKPT (default OUT/pruned/model.pt if it exists) to FORMATS at TILE, into OUT/convert
+	$(PY) -m convert --checkpoint $(if $(wildcard $(OUT)/pruned/model.pt),$(OUT)/pruned/model.pt,$(CKPT)) \
+		--formats $(FORMATS) --tile $(TILE) --out $(OUT)/convert
+
+bench: setup ## bench ARTIFACTS on TARGETS against BUDGETS, report into OUT
+	$(PY) -m device_bench bench $(ARTIFACTS) --targets $(TARGETS) --test-set $(TEST_SET) \
+		$(if $(BUDGETS),--budgets $(BUDGETS),) --out $(OUT)
+
+report: setup ## re-render OUT/report.md and the plot from OUT/report.json
+	$(PY) -m device_bench report $(OUT)
+
+clean: ## remove runs/ and caches (keeps the venvs; `rm -rf .venv .venv-device` for those)
+	rm -rf runs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv*' -exec rm -rf {} +

@@ -1,0 +1,158 @@
+"""`edgesr compress`: train a dense SR model, prune a checkpoint, or evaluate one.
+
+  edgesr compress train --model edsr-tiny --scale 2 --steps 3000 --out runs/dense
+  edgesr compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --method magnitude --sparsity 0.8 \
+      --steps 400 --out runs/pruned
+  edgesr compress eval --checkpoint runs/pruned/model.pt
+
+Each of train/prune writes <out>/model.pt and <out>/manifest.json (architecture, per-layer sparsity, params,
+non-zeros, MACs for a 1280x720 output, PSNR/SSIM on the test set, seed, time) and keeps <out>/train_state.pt
+for resuming. Exit codes: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.data import PatchSampler
+from compress.evaluate import evaluate, evaluate_bicubic, model_stats
+from compress.models import create_model, list_models, model_spec
+from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
+from compress.train import TrainConfig, train
+from edgesr.datasets import load_test_set, load_training_images
+from edgesr.errors import BadInput, run_cli
+from edgesr.manifest import new_manifest, versions
+
+log = logging.getLogger("compress")
+METHODS = ("magnitude",)
+
+
+def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    d = TrainConfig()
+    p.add_argument("--out", type=Path, required=True, help="output folder (model.pt, manifest.json, state)")
+    p.add_argument("--data", default="bundled", help="training images: 'bundled' (scikit-image photos) or a folder")
+    p.add_argument("--test-set", default="sporco", help="test set name (sporco, butterfly, sporco+butterfly) or folder")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"patches per step (default {d.batch_size})")
+    p.add_argument("--patch", type=int, default=d.lr_patch, help=f"LR patch side in px (default {d.lr_patch})")
+    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate, cosine-decayed (default {lr})")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between resumable saves")
+    p.add_argument("--seed", type=int, default=0, help="seed for init and patch sampling (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if <out>/train_state.pt exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgesr compress", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a dense model from scratch")
+    t.add_argument("--model", default="edsr-tiny", help=f"preset: {', '.join(list_models())} (default edsr-tiny)")
+    t.add_argument("--scale", type=int, default=2, choices=(2, 3, 4), help="upscaling factor (default 2)")
+    _train_args(t, steps=3000, lr=5e-4)
+    p = sub.add_parser("prune", help="prune a checkpoint to a target sparsity, fine-tuning as it goes")
+    p.add_argument("--checkpoint", type=Path, required=True, help="edgesr checkpoint or EDSR-PyTorch .pt")
+    p.add_argument("--method", default="magnitude", choices=METHODS, help="pruning method (default magnitude)")
+    p.add_argument("--sparsity", type=float, required=True, help="target fraction of zero conv weights, in (0, 1)")
+    p.add_argument("--prune-fraction", type=float, default=0.6,
+                   help="share of the steps over which sparsity ramps up; the rest fine-tunes (default 0.6)")
+    _train_args(p, steps=400, lr=2e-4)
+    e = sub.add_parser("eval", help="PSNR/SSIM and size figures of a checkpoint")
+    e.add_argument("--checkpoint", type=Path, required=True)
+    e.add_argument("--test-set", default="sporco")
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    try:
+        return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr_patch=args.patch, lr=args.lr,
+                           save_every=args.save_every, seed=args.seed, device=args.device)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _finish(args: argparse.Namespace, model: Any, cfg: TrainConfig, run: dict, extra: dict) -> None:
+    scale = model.config.scale
+    pairs = load_test_set(args.test_set, scale)
+    scores = evaluate(model.cpu(), pairs, scale)
+    manifest = new_manifest(
+        "checkpoint",
+        model=model_spec(model),
+        name=args.out.name,
+        **extra,
+        stats=model_stats(model, scale),
+        test_set={"name": str(args.test_set), "images": [p.name for p in pairs],
+                  "protocol": f"Y (BT.601), border {scale}, 8-bit SR, LR by Pillow bicubic"},
+        psnr_y_db=scores["mean"]["psnr_y_db"],
+        ssim_y=scores["mean"]["ssim_y"],
+        per_image=scores["per_image"],
+        bicubic_psnr_y_db=evaluate_bicubic(pairs, scale)["mean"]["psnr_y_db"],
+        seed=cfg.seed,
+        train={"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **run},
+        versions=versions("torch", "numpy"),
+    )
+    path = save_checkpoint(args.out, model, manifest)
+    log.info("wrote %s: Y-PSNR %.3f dB (bicubic %.3f dB) on %s, sparsity %.3f of prunable weights",
+             path, manifest["psnr_y_db"], manifest["bicubic_psnr_y_db"], args.test_set,
+             manifest["stats"]["sparsity_prunable"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "eval":
+        model, manifest = load_checkpoint(args.checkpoint)
+        scale = model.config.scale
+        pairs = load_test_set(args.test_set, scale)
+        scores, bic = evaluate(model, pairs, scale), evaluate_bicubic(pairs, scale)
+        stats = model_stats(model, scale)
+        for name, s in scores["per_image"].items():
+            log.info("%-12s %.3f dB  SSIM %.4f  (bicubic %.3f dB)", name, s["psnr_y_db"], s["ssim_y"],
+                     bic["per_image"][name]["psnr_y_db"])
+        log.info("mean         %.3f dB  SSIM %.4f  (bicubic %.3f dB); params %d, non-zeros %d, sparsity %.3f",
+                 scores["mean"]["psnr_y_db"], scores["mean"]["ssim_y"], bic["mean"]["psnr_y_db"],
+                 stats["params"], stats["nonzeros"], stats["sparsity_prunable"])
+        return 0
+
+    cfg = _train_config(args)
+    images = [img for _, img in load_training_images(args.data)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if args.command == "train":
+        import torch
+
+        torch.manual_seed(args.seed)
+        model = create_model(args.model, scale=args.scale)
+        sampler = PatchSampler(images, args.scale, cfg.lr_patch, cfg.batch_size, cfg.seed)
+        run = train(model, sampler, cfg, args.out, resume=not args.no_resume)
+        _finish(args, model, cfg, run, {"preset": args.model, "parent": None, "pruning": None, "started": started})
+        return 0
+
+    model, parent = load_checkpoint(args.checkpoint)
+    if not 0.0 < args.sparsity < 1.0:
+        raise BadInput(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    if not 0.0 < args.prune_fraction <= 1.0:
+        raise BadInput(f"--prune-fraction must be in (0, 1], got {args.prune_fraction}")
+    end = max(1, round(args.steps * args.prune_fraction))
+    pruner = GradualMagnitudePruner(model, MagnitudeConfig(target=args.sparsity, end_step=end,
+                                                           frequency=max(1, end // 20)))
+    sampler = PatchSampler(images, model.config.scale, cfg.lr_patch, cfg.batch_size, cfg.seed)
+    run = train(model, sampler, cfg, args.out, pruner=pruner, resume=not args.no_resume)
+    pruning = pruner.finalize()
+    parent_info = {"path": str(args.checkpoint), "psnr_y_db": parent.get("psnr_y_db"), "name": parent.get("name")}
+    _finish(args, model, cfg, run, {"preset": parent.get("preset"), "parent": parent_info, "pruning": pruning,
+                                    "started": started})
+    return 0
+
+
+def entry() -> int:
+    return run_cli(main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(entry())

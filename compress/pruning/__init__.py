@@ -1,0 +1,1 @@
+"""Pruning: one mask mechanism (`masks.WeightMasks`) and the pruners that drive it."""

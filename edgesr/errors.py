@@ -1,0 +1,53 @@
+"""Errors users see, and the exit codes every edgesr command shares.
+
+A command raises one of these for anything the user can fix; `run_cli` turns it into a one-line message on
+stderr and the documented exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_OK = 0
+EXIT_BUDGET_FAILED = 1  # device_bench: at least one budget failed (also: a command's own check failed)
+EXIT_BAD_INPUT = 2  # bad usage or bad input file
+EXIT_TARGET_FAILED = 3  # device_bench: a target could not produce its measurements
+
+
+class EdgesrError(Exception):
+    """An error with a message meant for the user and the exit code that goes with it."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class BadInput(EdgesrError):
+    """A file, flag or config the user gave is missing or wrong (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class CheckFailed(EdgesrError):
+    """A verification the command runs did not hold, e.g. converter parity (exit 1)."""
+
+    exit_code = EXIT_BUDGET_FAILED
+
+
+class TargetFailed(EdgesrError):
+    """A device target could not run or report (exit 3)."""
+
+    exit_code = EXIT_TARGET_FAILED
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a command's `main`, mapping edgesr errors to one line on stderr and their exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return main(argv)
+    except EdgesrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

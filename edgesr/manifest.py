@@ -1,0 +1,128 @@
+"""Manifests and atomic writes: how stages hand files to each other without leaving half-written output.
+
+Every stage writes its artifacts and a `manifest.json` beside them. A manifest is a plain JSON object with a
+`kind` ("checkpoint", "convert", "bench"), `created` (UTC ISO time), `edgesr_version`, `versions` of the tools
+involved, and stage-specific fields. Artifacts are recorded with their size and sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgesr import __version__
+from edgesr.errors import BadInput
+
+MANIFEST_NAME = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it over `path`, on error remove it.
+
+    Works for files and for directories (a `.mlpackage` is a folder).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise BadInput(f"{path.parent}: output folder does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise BadInput(f"{path.parent}: output folder is not writable")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")) if is_dir else None
+    if tmp is None:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        tmp = Path(name)
+    target = tmp / path.name if is_dir else tmp
+    try:
+        yield target
+        if not is_dir:  # mkstemp creates 0600; give the file the permissions a plain open() would
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        if is_dir:
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(target, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if is_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically, pretty-printed, with a trailing newline."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path}: expected a JSON object")
+    return obj
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder (its files' relative paths and contents, in sorted order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def size_bytes(path: str | os.PathLike) -> int:
+    """Size of a file, or total size of the files in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed versions of the named distributions, plus Python and the platform."""
+    out = {"python": platform.python_version(), "platform": platform.platform(), "edgesr": __version__}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def new_manifest(kind: str, **fields: Any) -> dict[str, Any]:
+    """A manifest skeleton: kind, creation time, edgesr version, then the stage's own fields."""
+    now = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+    return {"kind": kind, "created": now, "edgesr_version": __version__, **fields}

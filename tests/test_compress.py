@@ -1,0 +1,118 @@
+"""Training, gradual magnitude pruning, resume, size figures and the compress CLI, on real photos."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.data import PatchSampler
+from compress.evaluate import model_stats
+from compress.models import create_model
+from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
+from compress.train import TrainConfig, train
+from edgesr.datasets import load_training_images
+from edgesr.errors import BadInput
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [img for _, img in load_training_images("bundled")[:3]]
+
+
+def small_model():
+    torch.manual_seed(0)
+    return create_model("edsr-tiny", scale=2, n_resblocks=1, n_feats=8)
+
+
+def test_gradual_schedule_reaches_target_exactly_and_masks_hold(tmp_path, photos):
+    model = small_model()
+    pruner = GradualMagnitudePruner(model, MagnitudeConfig(target=0.8, end_step=6, frequency=2))
+    assert [round(pruner.sparsity_at(s), 4) for s in (0, 3, 6, 9)] == [0.0, 0.7, 0.8, 0.8]
+    cfg = TrainConfig(steps=10, batch_size=2, lr_patch=12, save_every=100, device="cpu")
+    train(model, PatchSampler(photos, 2, 12, 2, 0), cfg, tmp_path, pruner=pruner)
+    pruner.finalize()
+    for name, conv in pruner.masks.layers.items():
+        zeros = int((conv.weight == 0).sum())
+        assert zeros == round(0.8 * conv.weight.numel()), name  # uniform: every layer exactly at target
+    # After fine-tuning steps the masked weights are still exactly zero (masks re-applied each step).
+    assert model_stats(model, 2)["sparsity_prunable"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_resume_continues_exactly(tmp_path, photos):
+    # Constant LR, so a run cut at step 3 and a 6-step run share their first 3 steps exactly.
+    cfg = TrainConfig(steps=6, batch_size=2, lr_patch=12, save_every=3, lr_min_ratio=1.0, device="cpu")
+    straight = small_model()
+    train(straight, PatchSampler(photos, 2, 12, 2, 0), cfg, tmp_path / "a")
+
+    # "Crash" after step 3: run 3 steps, then relabel the saved state as the 6-step run's and resume it.
+    state_dir = tmp_path / "b"
+    train(small_model(), PatchSampler(photos, 2, 12, 2, 0), TrainConfig(**{**cfg.__dict__, "steps": 3}), state_dir)
+    state = torch.load(state_dir / "train_state.pt", weights_only=True)
+    state["train_config"]["steps"] = 6
+    torch.save(state, state_dir / "train_state.pt")
+    resumed = small_model()
+    run = train(resumed, PatchSampler(photos, 2, 12, 2, 0), cfg, state_dir)
+    assert run["resumed_from"] == 3
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+    # Other settings with the same folder are refused rather than silently mixed.
+    with pytest.raises(BadInput, match="saved run used other settings"):
+        train(small_model(), PatchSampler(photos, 2, 12, 2, 0), TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), state_dir)
+
+
+def test_macs_for_720p_output_by_hand():
+    model = create_model("edsr-tiny", scale=2)  # 4 blocks x 32 feats
+    stats = model_stats(model, 2)
+    lr_px, hr_px = 640 * 360, 1280 * 720
+    lr_weights = 3 * 32 * 9 + 9 * 32 * 32 * 9 + 32 * 128 * 9 + 9  # head, 9 body convs, upsampler, sub_mean
+    hr_weights = 32 * 3 * 9 + 9  # tail conv and add_mean run on the 2x output
+    assert stats["macs_1280x720"] == lr_px * lr_weights + hr_px * hr_weights
+    assert stats["params"] == 122_011
+
+
+def run_compress(*args):
+    return subprocess.run([sys.executable, "-m", "compress", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_prune_cli_writes_checkpoint_and_manifest(tmp_path):
+    parent = save_checkpoint(tmp_path / "parent", small_model(), {"name": "parent", "psnr_y_db": 30.0})
+    out = tmp_path / "pruned"
+    r = run_compress("prune", "--checkpoint", str(parent), "--sparsity", "0.5", "--steps", "8", "--batch-size", "2",
+                     "--patch", "12", "--test-set", "butterfly", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "checkpoint" and manifest["pruning"]["method"] == "magnitude"
+    assert manifest["stats"]["sparsity_prunable"] == pytest.approx(0.5, abs=2e-3)
+    assert manifest["parent"]["psnr_y_db"] == 30.0 and manifest["seed"] == 0
+    assert set(manifest["stats"]["layers"]["head.0"]) >= {"shape", "params", "nonzeros", "sparsity"}
+    assert manifest["psnr_y_db"] > 10 and manifest["test_set"]["images"] == ["butterfly"]
+    model, saved = load_checkpoint(out / "model.pt")
+    assert saved["psnr_y_db"] == manifest["psnr_y_db"]
+
+
+def test_cli_bad_inputs_are_one_line_exit_2(tmp_path):
+    r = run_compress("prune", "--checkpoint", str(tmp_path / "none.pt"), "--sparsity", "0.8", "--out", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "none.pt: no such checkpoint" in r.stderr
+    parent = save_checkpoint(tmp_path / "p", small_model(), {})
+    r = run_compress("prune", "--checkpoint", str(parent), "--sparsity", "1.5", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--sparsity must be in (0, 1)" in r.stderr and "Traceback" not in r.stderr
+    r = run_compress("train", "--data", str(tmp_path / "nodata"), "--steps", "1", "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and "nodata: training data folder does not exist" in r.stderr
+
+
+def test_shipped_checkpoint_beats_bicubic():
+    """The checkpoint the demo starts from: its manifest is true and it beats bicubic on the sporco photos."""
+    from compress.evaluate import evaluate, evaluate_bicubic
+    from edgesr.datasets import load_test_set
+
+    model, manifest = load_checkpoint(REPO / "checkpoints" / "edsr-tiny-x2" / "model.pt")
+    pairs = load_test_set("sporco", 2)
+    ours, bicubic = evaluate(model, pairs, 2)["mean"]["psnr_y_db"], evaluate_bicubic(pairs, 2)["mean"]["psnr_y_db"]
+    assert ours > bicubic + 0.5
+    assert ours == pytest.approx(manifest["psnr_y_db"], abs=1e-6)
