@@ -49,8 +49,9 @@ def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgesr compress", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="edgesr compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a dense model from scratch")
     t.add_argument("--model", default="edsr-tiny", help=f"preset: {', '.join(list_models())} (default edsr-tiny)")
@@ -60,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="edgesr checkpoint or EDSR-PyTorch .pt")
     p.add_argument("--method", default="magnitude", choices=METHODS, help="pruning method (default magnitude)")
     p.add_argument("--sparsity", type=float, required=True, help="target fraction of zero conv weights, in (0, 1)")
-    p.add_argument("--prune-fraction", type=float, default=0.6,
-                   help="share of the steps over which sparsity ramps up; the rest fine-tunes (default 0.6)")
+    p.add_argument(
+        "--prune-fraction",
+        type=float,
+        default=0.6,
+        help="share of the steps over which sparsity ramps up; the rest fine-tunes (default 0.6)",
+    )
     _train_args(p, steps=400, lr=2e-4)
     e = sub.add_parser("eval", help="PSNR/SSIM and size figures of a checkpoint")
     e.add_argument("--checkpoint", type=Path, required=True)
@@ -71,8 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     try:
-        return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr_patch=args.patch, lr=args.lr,
-                           save_every=args.save_every, seed=args.seed, device=args.device)
+        return TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr_patch=args.patch,
+            lr=args.lr,
+            save_every=args.save_every,
+            seed=args.seed,
+            device=args.device,
+        )
     except ValueError as exc:
         raise BadInput(str(exc)) from None
 
@@ -87,8 +99,11 @@ def _finish(args: argparse.Namespace, model: Any, cfg: TrainConfig, run: dict, e
         name=args.out.name,
         **extra,
         stats=model_stats(model, scale),
-        test_set={"name": str(args.test_set), "images": [p.name for p in pairs],
-                  "protocol": f"Y (BT.601), border {scale}, 8-bit SR, LR by Pillow bicubic"},
+        test_set={
+            "name": str(args.test_set),
+            "images": [p.name for p in pairs],
+            "protocol": f"Y (BT.601), border {scale}, 8-bit SR, LR by Pillow bicubic",
+        },
         psnr_y_db=scores["mean"]["psnr_y_db"],
         ssim_y=scores["mean"]["ssim_y"],
         per_image=scores["per_image"],
@@ -98,9 +113,14 @@ def _finish(args: argparse.Namespace, model: Any, cfg: TrainConfig, run: dict, e
         versions=versions("torch", "numpy"),
     )
     path = save_checkpoint(args.out, model, manifest)
-    log.info("wrote %s: Y-PSNR %.3f dB (bicubic %.3f dB) on %s, sparsity %.3f of prunable weights",
-             path, manifest["psnr_y_db"], manifest["bicubic_psnr_y_db"], args.test_set,
-             manifest["stats"]["sparsity_prunable"])
+    log.info(
+        "wrote %s: Y-PSNR %.3f dB (bicubic %.3f dB) on %s, sparsity %.3f of prunable weights",
+        path,
+        manifest["psnr_y_db"],
+        manifest["bicubic_psnr_y_db"],
+        args.test_set,
+        manifest["stats"]["sparsity_prunable"],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,11 +132,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores, bic = evaluate(model, pairs, scale), evaluate_bicubic(pairs, scale)
         stats = model_stats(model, scale)
         for name, s in scores["per_image"].items():
-            log.info("%-12s %.3f dB  SSIM %.4f  (bicubic %.3f dB)", name, s["psnr_y_db"], s["ssim_y"],
-                     bic["per_image"][name]["psnr_y_db"])
-        log.info("mean         %.3f dB  SSIM %.4f  (bicubic %.3f dB); params %d, non-zeros %d, sparsity %.3f",
-                 scores["mean"]["psnr_y_db"], scores["mean"]["ssim_y"], bic["mean"]["psnr_y_db"],
-                 stats["params"], stats["nonzeros"], stats["sparsity_prunable"])
+            log.info(
+                "%-12s %.3f dB  SSIM %.4f  (bicubic %.3f dB)",
+                name,
+                s["psnr_y_db"],
+                s["ssim_y"],
+                bic["per_image"][name]["psnr_y_db"],
+            )
+        log.info(
+            "mean         %.3f dB  SSIM %.4f  (bicubic %.3f dB); params %d, non-zeros %d, sparsity %.3f",
+            scores["mean"]["psnr_y_db"],
+            scores["mean"]["ssim_y"],
+            bic["mean"]["psnr_y_db"],
+            stats["params"],
+            stats["nonzeros"],
+            stats["sparsity_prunable"],
+        )
         return 0
 
     cfg = _train_config(args)
@@ -139,14 +170,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 < args.prune_fraction <= 1.0:
         raise BadInput(f"--prune-fraction must be in (0, 1], got {args.prune_fraction}")
     end = max(1, round(args.steps * args.prune_fraction))
-    pruner = GradualMagnitudePruner(model, MagnitudeConfig(target=args.sparsity, end_step=end,
-                                                           frequency=max(1, end // 20)))
+    pruner = GradualMagnitudePruner(
+        model, MagnitudeConfig(target=args.sparsity, end_step=end, frequency=max(1, end // 20))
+    )
     sampler = PatchSampler(images, model.config.scale, cfg.lr_patch, cfg.batch_size, cfg.seed)
     run = train(model, sampler, cfg, args.out, pruner=pruner, resume=not args.no_resume)
     pruning = pruner.finalize()
     parent_info = {"path": str(args.checkpoint), "psnr_y_db": parent.get("psnr_y_db"), "name": parent.get("name")}
-    _finish(args, model, cfg, run, {"preset": parent.get("preset"), "parent": parent_info, "pruning": pruning,
-                                    "started": started})
+    _finish(
+        args,
+        model,
+        cfg,
+        run,
+        {"preset": parent.get("preset"), "parent": parent_info, "pruning": pruning, "started": started},
+    )
     return 0
 
 

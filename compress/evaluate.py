@@ -43,8 +43,10 @@ def model_stats(model: nn.Module, scale: int, out_hw: tuple[int, int] = (720, 12
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     trainable = prunable_convs(model)
     out_pixels: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: out_pixels.__setitem__(n, o.shape[-2] * o.shape[-1]))
-             for n, m in convs.items()]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: out_pixels.__setitem__(n, o.shape[-2] * o.shape[-1]))
+        for n, m in convs.items()
+    ]
     probe = 8  # conv MACs are linear in the pixel count: measure on a small LR input, scale to the target
     device = next(model.parameters()).device
     model.eval()(torch.zeros(1, 3, probe, probe, device=device))

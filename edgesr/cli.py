@@ -16,8 +16,11 @@ STAGES = {
     "report": ("device_bench.cli", ["report"], "re-render report.md and the plot from a report.json folder"),
 }
 
-USAGE = "usage: edgesr {" + ",".join(STAGES) + "} ...\n\n" + "\n".join(
-    f"  {name:<9} {help_}" for name, (_, _, help_) in STAGES.items()
+USAGE = (
+    "usage: edgesr {"
+    + ",".join(STAGES)
+    + "} ...\n\n"
+    + "\n".join(f"  {name:<9} {help_}" for name, (_, _, help_) in STAGES.items())
 )
 
 

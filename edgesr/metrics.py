@@ -92,3 +92,15 @@ def mean_scores(per_image: list[dict[str, float]]) -> dict[str, float]:
     if not per_image:
         raise ValueError("no images to average")
     return {k: float(np.mean([s[k] for s in per_image])) for k in per_image[0]}
+
+
+def psnr_float(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
+    """PSNR in dB between two float arrays (e.g. a converted model's output and torch's), no quantization.
+
+    For comparing runtimes on the same input, not for SR quality (that is `psnr` on uint8 images).
+    Identical arrays give +inf.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"array shapes differ: {a.shape} vs {b.shape}")
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(peak**2 / mse)

@@ -83,8 +83,25 @@ def run_compress(*args):
 def test_prune_cli_writes_checkpoint_and_manifest(tmp_path):
     parent = save_checkpoint(tmp_path / "parent", small_model(), {"name": "parent", "psnr_y_db": 30.0})
     out = tmp_path / "pruned"
-    r = run_compress("prune", "--checkpoint", str(parent), "--sparsity", "0.5", "--steps", "8", "--batch-size", "2",
-                     "--patch", "12", "--test-set", "butterfly", "--device", "cpu", "--out", str(out))
+    r = run_compress(
+        "prune",
+        "--checkpoint",
+        str(parent),
+        "--sparsity",
+        "0.5",
+        "--steps",
+        "8",
+        "--batch-size",
+        "2",
+        "--patch",
+        "12",
+        "--test-set",
+        "butterfly",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "checkpoint" and manifest["pruning"]["method"] == "magnitude"

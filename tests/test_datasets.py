@@ -18,7 +18,7 @@ def test_sporco_test_set_is_five_real_photos():
 
 
 def test_butterfly_is_the_monarch_crop_and_x3_modcrops():
-    (name, img), = builtin_hr_images("butterfly")
+    ((name, img),) = builtin_hr_images("butterfly")
     assert name == "butterfly" and img.shape == (256, 256, 3)
     monarch = dict(builtin_hr_images("sporco"))["monarch"]
     assert np.array_equal(img, monarch[144:400, 271:527])

@@ -43,10 +43,20 @@ def test_presets():
 def test_official_state_dict_loads_with_inferred_config(tmp_path):
     torch.manual_seed(0)
     n, c = 3, 16
-    shapes = {"sub_mean.weight": (3, 3, 1, 1), "sub_mean.bias": (3,), "add_mean.weight": (3, 3, 1, 1),
-              "add_mean.bias": (3,), "head.0.weight": (c, 3, 3, 3), "head.0.bias": (c,),
-              f"body.{n}.weight": (c, c, 3, 3), f"body.{n}.bias": (c,), "tail.0.0.weight": (9 * c, c, 3, 3),
-              "tail.0.0.bias": (9 * c,), "tail.1.weight": (3, c, 3, 3), "tail.1.bias": (3,)}
+    shapes = {
+        "sub_mean.weight": (3, 3, 1, 1),
+        "sub_mean.bias": (3,),
+        "add_mean.weight": (3, 3, 1, 1),
+        "add_mean.bias": (3,),
+        "head.0.weight": (c, 3, 3, 3),
+        "head.0.bias": (c,),
+        f"body.{n}.weight": (c, c, 3, 3),
+        f"body.{n}.bias": (c,),
+        "tail.0.0.weight": (9 * c, c, 3, 3),
+        "tail.0.0.bias": (9 * c,),
+        "tail.1.weight": (3, c, 3, 3),
+        "tail.1.bias": (3,),
+    }
     for i in range(n):
         for j in (0, 2):
             shapes[f"body.{i}.body.{j}.weight"] = (c, c, 3, 3)
