@@ -1,0 +1,3 @@
+from device_bench.cli import entry
+
+raise SystemExit(entry())

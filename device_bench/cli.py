@@ -1,0 +1,123 @@
+"""`python -m device_bench`: measure TFLite artifacts on devices and check them against budgets.
+
+  python -m device_bench bench runs/convert --out runs/bench --budgets device_bench/budgets.example.yaml
+  python -m device_bench bench model.tflite --out runs/bench --overlap 14 --test-set path/to/hr_images
+  python -m device_bench report runs/bench                      # re-render report.md + plot from report.json
+  python -m device_bench report runs/bench --budgets other.yaml # re-check the measured rows against new budgets
+
+ARTIFACT is a convert output folder (its manifest.json lists the artifacts), a convert manifest.json, or a bare
+.tflite file (scale and tile are read from the model's shapes; the model name is the file stem). Core ML
+artifacts are skipped: they cannot run on Linux.
+
+The local target runs device_bench/runner.py in a separate process with the device Python (only a TFLite runtime
+and numpy): --device-python, else $EDGESR_DEVICE_PYTHON, else <repo>/.venv-device/bin/python.
+
+Writes <out>/report.json, <out>/report.md, <out>/psnr_vs_size.png and one job folder per (target, artifact)
+under <out>/jobs/. Exit codes: 0 all budgets pass; 1 a budget fails; 2 bad usage or input; 3 a target failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from device_bench.bench import DEFAULT_OVERLAP, BenchConfig, run_bench
+from device_bench.report import render
+from device_bench.runner import RUNTIMES
+from device_bench.targets import DEVICE_PYTHON_ENV, TARGET_KINDS
+from edgesr.errors import BadInput, run_cli
+
+log = logging.getLogger("device_bench")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (exit 2) through edgesr's error path."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BadInput(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m device_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,report}")
+    b = sub.add_parser(
+        "bench",
+        help="run artifacts on targets, score them, check budgets, write the report",
+        description="Run TFLite artifacts on targets, score their SR outputs on the host, check budgets, write "
+        "<out>/report.json, report.md and psnr_vs_size.png. Exit codes: 0 all budgets pass; 1 a budget fails; "
+        "2 bad usage or input; 3 a target failed.",
+    )
+    b.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT", help=".tflite, convert folder or manifest")
+    b.add_argument("--out", type=Path, required=True, help="output folder for report.json/.md/.png and jobs/")
+    b.add_argument("--targets", default="local", help=f"comma-separated targets: {', '.join(TARGET_KINDS)}")
+    b.add_argument("--budgets", type=Path, help="budgets YAML (see device_bench/budgets.example.yaml); none: all pass")
+    b.add_argument("--test-set", default="sporco", help="bundled test set (sporco, butterfly) or a folder of HR images")
+    b.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1; -1: runtime default)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed invokes before timing (default 3)")
+    b.add_argument("--runs", type=int, default=20, help="timed invokes of one tile (default 20)")
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds per runner call before it fails (600)")
+    b.add_argument("--device-python", type=Path, help=f"device Python for the local target (or ${DEVICE_PYTHON_ENV})")
+    b.add_argument(
+        "--overlap",
+        type=int,
+        help=f"tile overlap in LR px, >= the receptive-field radius (default: the manifest's, else {DEFAULT_OVERLAP})",
+    )
+    b.add_argument("--runtime", default="auto", choices=["auto", *RUNTIMES], help="TFLite interpreter (default auto)")
+    b.add_argument("--save-images", action="store_true", help="also save the SR images as PNG under <out>/images/")
+    r = sub.add_parser(
+        "report",
+        help="re-render report.md and the plot from an existing report.json",
+        description="Re-render <folder>/report.md and the plot from report.json (with --budgets: re-check the "
+        "recorded rows first and update report.json). Exits with the report's verdict: 0 pass, 1 a budget fails.",
+    )
+    r.add_argument("folder", type=Path, help="a bench --out folder holding report.json")
+    r.add_argument("--budgets", type=Path, help="re-check the recorded rows against this budgets YAML")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "report":
+        report = render(args.folder, args.budgets)
+        log.info("wrote %s (%s)", args.folder / "report.md", "PASS" if report["passed"] else "budgets FAIL")
+        return report["exit_code"]
+    cfg = BenchConfig(
+        artifacts=tuple(args.artifacts),
+        out=args.out,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        budgets=args.budgets,
+        test_set=args.test_set,
+        threads=args.threads,
+        warmup=args.warmup,
+        runs=args.runs,
+        timeout_s=args.timeout,
+        device_python=args.device_python,
+        overlap=args.overlap,
+        runtime=args.runtime,
+        save_images=args.save_images,
+    )
+    report = run_bench(cfg)
+    log.info("wrote %s: %s", args.out / "report.md", "all budgets pass" if report["passed"] else "budgets FAIL")
+    for f in report["failed_budgets"]:
+        log.info(
+            "  FAIL %s %s on %s: %s %.3f vs limit %.3f",
+            f["model"],
+            f["artifact"],
+            f["target"],
+            f["budget"],
+            f["value"] if f["value"] is not None else float("nan"),
+            f["limit"],
+        )
+    return report["exit_code"]
+
+
+def entry() -> int:
+    return run_cli(main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(entry())

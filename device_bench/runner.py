@@ -1,0 +1,436 @@
+"""The on-device runner: one file, standard library + numpy + a TFLite interpreter, nothing from edgesr.
+
+Copy it to the device next to a job folder and run it with the device's Python:
+
+  python runner.py --job JOB/job.json           # run a benchmark job, write JOB/<out_dir>/result.json
+  python runner.py --describe model.tflite      # print the model's input/output shapes and the runtime as JSON
+
+A job is files only (so a local subprocess, ssh and adb all work the same way):
+  job.json  {"runner_version": 1, "model": "model.tflite",
+             "inputs": [{"name": "kodim23", "path": "inputs/kodim23.npy"}], "out_dir": "out",
+             "tile": [64, 64], "overlap": 14, "scale": 2, "threads": 1, "warmup": 3, "runs": 20, "runtime": "auto"}
+  Relative paths are relative to the folder holding job.json. Inputs are LR images, float32 HxWx3 in [0, 1].
+  The runner writes <out_dir>/<name>.npy (float32 HxWx3, the model's unclipped output) and <out_dir>/result.json.
+
+Models have a fixed input size (the tile). An image is cut into tiles that overlap by `overlap` LR pixels on each
+side; each tile contributes only its interior (the outer `overlap` pixels are discarded, except at the image
+border), so when `overlap` >= the network's receptive-field radius the stitched output equals whole-image inference.
+The last tile in a row or column is placed flush with the image edge. An image smaller than the tile is padded by
+edge replication and the output cropped back; the result says so ("padded": true), since that border differs from
+whole-image inference.
+
+Timing: `load_ms` = Interpreter construction + allocate_tensors; `first_inference_ms` = the first invoke (one tile);
+then `warmup` untimed and `runs` timed invokes of that same tile give the latency samples; finally every image is
+run through the tiler and timed as a whole (tile copies and stitching included).
+Memory: VmHWM/VmRSS/RssAnon/RssFile from /proc/self/status after import, after load, after the first inference and
+at the end; `peak_rss_mb` is the final VmHWM (the whole process: Python, numpy, runtime, model, arena, buffers).
+
+Exit status: 0 done; 2 the model or job is unusable ("invalid-model", "unsupported-model", "bad-job");
+3 no TFLite runtime found; 1 anything else. Errors are one line on stderr: `runner error [<kind>]: <message>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RUNNER_VERSION = 1
+RUNTIMES = {
+    # name: (module to import, attribute path to the Interpreter class, distributions that may provide it)
+    "ai_edge_litert": ("ai_edge_litert.interpreter", "Interpreter", ("ai-edge-litert", "ai-edge-litert-nightly")),
+    "tflite_runtime": ("tflite_runtime.interpreter", "Interpreter", ("tflite-runtime", "tflite-runtime-nightly")),
+    "tensorflow": ("tensorflow", "lite.Interpreter", ("tensorflow", "tensorflow-cpu", "tf-nightly")),
+}
+EXIT_FAILED, EXIT_INVALID, EXIT_NO_RUNTIME = 1, 2, 3
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_MEMORY_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem", "VmSwap")
+
+
+class RunnerError(Exception):
+    def __init__(self, kind: str, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.kind, self.code = kind, code
+
+
+def invalid(kind: str, message: str) -> RunnerError:
+    return RunnerError(kind, message, EXIT_INVALID)
+
+
+# ----------------------------------------------------------------------------------------------------- memory
+
+
+def memory_snapshot() -> dict[str, float]:
+    """Resident memory in MiB from /proc/self/status (Linux, Android); getrusage's peak elsewhere."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return {"VmHWM": peak / (1 << 20) if sys.platform == "darwin" else peak / 1024.0}
+    snap = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in _MEMORY_FIELDS:
+            snap[key] = int(value.split()[0]) / 1024.0  # the kernel reports kB (KiB)
+    return snap
+
+
+def memory_source() -> str:
+    return "/proc/self/status" if Path("/proc/self/status").exists() else "getrusage(ru_maxrss)"
+
+
+# ---------------------------------------------------------------------------------------------------- runtime
+
+
+def _distribution_version(names: tuple[str, ...]) -> str | None:
+    import importlib.metadata
+
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def load_runtime(choice: str) -> tuple[dict[str, str], Any]:
+    """Import the first available interpreter (or the one asked for): ({name, version, module}, Interpreter class)."""
+    names = list(RUNTIMES) if choice == "auto" else [choice]
+    if choice != "auto" and choice not in RUNTIMES:
+        raise invalid("bad-job", f"unknown runtime {choice!r}; choose auto or one of {', '.join(RUNTIMES)}")
+    tried = []
+    for name in names:
+        module_name, attr, dists = RUNTIMES[name]
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            tried.append(f"{module_name} ({exc.__class__.__name__})")
+            continue
+        module = sys.modules[module_name.split(".")[0]]
+        version = _distribution_version(dists) or str(getattr(module, "__version__", "unknown"))
+        return {"name": name, "version": version, "module": module_name}, obj
+    raise RunnerError("no-runtime", f"no TFLite runtime importable; tried {', '.join(tried)}", EXIT_NO_RUNTIME)
+
+
+def open_model(interpreter_cls: Any, model: Path, threads: int) -> Any:
+    """Build the interpreter and allocate its tensors, classifying a file that is not a TFLite model."""
+    if not model.is_file():
+        raise invalid("invalid-model", f"{model}: no such model file")
+    with open(model, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[4:8] != b"TFL3":
+        raise invalid("invalid-model", f"{model}: not a valid TFLite model (no TFL3 file identifier)")
+    try:
+        interp = interpreter_cls(model_path=str(model), num_threads=None if threads < 1 else threads)
+    except ValueError as exc:  # the runtime's flatbuffer verifier rejects truncated or corrupt files this way
+        raise invalid("invalid-model", f"{model}: not a valid TFLite model ({_one_line(exc)})") from None
+    interp.allocate_tensors()
+    return interp
+
+
+def model_io(interp: Any, model: Path) -> dict[str, Any]:
+    """Shapes of a single-input, single-output float32 NHWC RGB SR model, and the scale they imply."""
+    ins, outs = interp.get_input_details(), interp.get_output_details()
+    described = {
+        "inputs": [_tensor_info(d) for d in ins],
+        "outputs": [_tensor_info(d) for d in outs],
+    }
+    if len(ins) != 1 or len(outs) != 1:
+        raise invalid("unsupported-model", f"{model}: expected 1 input and 1 output, got {len(ins)} and {len(outs)}")
+    i, o = described["inputs"][0], described["outputs"][0]
+    if len(i["shape"]) != 4 or i["shape"][0] != 1 or i["shape"][3] != 3 or len(o["shape"]) != 4 or o["shape"][3] != 3:
+        raise invalid(
+            "unsupported-model", f"{model}: expected NHWC RGB tensors [1,H,W,3], got {i['shape']} -> {o['shape']}"
+        )
+    if i["dtype"] != "float32" or o["dtype"] != "float32":
+        raise invalid("unsupported-model", f"{model}: expected float32 input/output, got {i['dtype']}/{o['dtype']}")
+    (th, tw), (oh, ow) = i["shape"][1:3], o["shape"][1:3]
+    if oh % th or ow % tw or oh // th != ow // tw or oh // th < 1:
+        raise invalid("unsupported-model", f"{model}: output {oh}x{ow} is not an integer upscale of input {th}x{tw}")
+    described.update(tile=[th, tw], scale=oh // th, input_index=ins[0]["index"], output_index=outs[0]["index"])
+    return described
+
+
+def _tensor_info(d: dict[str, Any]) -> dict[str, Any]:
+    return {"name": d["name"], "shape": [int(v) for v in d["shape"]], "dtype": np.dtype(d["dtype"]).name}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+# ----------------------------------------------------------------------------------------------------- tiling
+
+
+def tile_regions(length: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
+    """Tiles along one axis as (start, own_from, own_to): the tile covers [start, start+tile) and contributes
+    [own_from, own_to). Consecutive tiles are `tile - 2*overlap` apart; the last is flush with the edge. Every
+    owned pixel not on the image border is at least `overlap` pixels inside its tile."""
+    if length <= tile:
+        return [(0, 0, length)]
+    stride = tile - 2 * overlap
+    starts = list(range(0, length - tile, stride)) + [length - tile]
+    regions, own_from = [], 0
+    for k, start in enumerate(starts):
+        own_to = length if k == len(starts) - 1 else start + tile - overlap
+        regions.append((start, own_from, own_to))
+        own_from = own_to
+    return regions
+
+
+class TiledModel:
+    """Runs a fixed-size SR interpreter over images of any size."""
+
+    def __init__(self, interp: Any, io: dict[str, Any], overlap: int) -> None:
+        self.interp, self.overlap = interp, overlap
+        self.tile_h, self.tile_w = io["tile"]
+        self.scale = io["scale"]
+        self.input_index, self.output_index = io["input_index"], io["output_index"]
+
+    def invoke(self, tile: np.ndarray) -> np.ndarray:
+        self.interp.set_tensor(self.input_index, np.ascontiguousarray(tile[None], dtype=np.float32))
+        self.interp.invoke()
+        return self.interp.get_tensor(self.output_index)[0]
+
+    def upscale(self, lr: np.ndarray) -> tuple[np.ndarray, int, bool]:
+        """(SR image float32 (sH)x(sW)x3, number of tiles, whether the image had to be padded to the tile)."""
+        h, w = lr.shape[:2]
+        ph, pw = max(h, self.tile_h), max(w, self.tile_w)
+        padded = (ph, pw) != (h, w)
+        if padded:
+            lr = np.pad(lr, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+        s = self.scale
+        out = np.empty((ph * s, pw * s, 3), dtype=np.float32)
+        rows = tile_regions(ph, self.tile_h, self.overlap)
+        cols = tile_regions(pw, self.tile_w, self.overlap)
+        for ys, ya, yb in rows:
+            for xs, xa, xb in cols:
+                sr = self.invoke(lr[ys : ys + self.tile_h, xs : xs + self.tile_w])
+                out[ya * s : yb * s, xa * s : xb * s] = sr[(ya - ys) * s : (yb - ys) * s, (xa - xs) * s : (xb - xs) * s]
+        return out[: h * s, : w * s], len(rows) * len(cols), padded
+
+
+# ------------------------------------------------------------------------------------------------------- jobs
+
+
+def _ms(t0: int) -> float:
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def _int(job: dict[str, Any], key: str, default: int | None = None, minimum: int = 0) -> int:
+    value = job.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise invalid("bad-job", f"job field {key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def read_job(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        path = path / "job.json"
+    try:
+        job = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise invalid("bad-job", f"{path}: cannot read job ({_one_line(exc)})") from None
+    if not isinstance(job, dict):
+        raise invalid("bad-job", f"{path}: a job is a JSON object")
+    if job.get("runner_version", RUNNER_VERSION) != RUNNER_VERSION:
+        raise invalid("bad-job", f"{path}: job for runner version {job['runner_version']}, this is {RUNNER_VERSION}")
+    base = path.parent
+    inputs = job.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise invalid("bad-job", f"{path}: 'inputs' must be a non-empty list")
+    for item in inputs:
+        if not isinstance(item, dict) or not _NAME.match(str(item.get("name", ""))) or "path" not in item:
+            raise invalid("bad-job", f"{path}: each input needs a plain 'name' and a 'path', got {item!r}")
+    if "model" not in job or "out_dir" not in job:
+        raise invalid("bad-job", f"{path}: 'model' and 'out_dir' are required")
+    return {
+        "model": base / job["model"],
+        "inputs": [(item["name"], base / item["path"]) for item in inputs],
+        "out_dir": base / job["out_dir"],
+        "tile": job.get("tile"),
+        "overlap": _int(job, "overlap", 16),
+        "scale": job.get("scale"),
+        "threads": _int(job, "threads", 1, minimum=-1),
+        "warmup": _int(job, "warmup", 3),
+        "runs": _int(job, "runs", 20, minimum=1),
+        "runtime": str(job.get("runtime", "auto")),
+    }
+
+
+def load_lr(name: str, path: Path) -> np.ndarray:
+    try:
+        lr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise invalid("bad-job", f"input {name}: cannot load {path} ({_one_line(exc)})") from None
+    if lr.ndim != 3 or lr.shape[2] != 3 or lr.dtype != np.float32:
+        raise invalid("bad-job", f"input {name}: expected float32 HxWx3, got {lr.dtype} {lr.shape}")
+    return lr
+
+
+def latency_stats(samples_ms: list[float]) -> dict[str, Any]:
+    a = np.asarray(samples_ms, dtype=np.float64)
+    return {
+        "median": float(np.median(a)),
+        "p90": float(np.percentile(a, 90)),
+        "mean": float(a.mean()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "samples": [round(float(v), 4) for v in a],
+    }
+
+
+def run_job(job_path: Path, runtime_choice: str | None = None) -> dict[str, Any]:
+    t_start = time.perf_counter_ns()
+    job = read_job(job_path)
+    runtime, interpreter_cls = load_runtime(runtime_choice or job["runtime"])
+    memory = {"after_import": memory_snapshot()}
+
+    t0 = time.perf_counter_ns()
+    interp = open_model(interpreter_cls, job["model"], job["threads"])
+    load_ms = _ms(t0)
+    memory["after_load"] = memory_snapshot()
+    io = model_io(interp, job["model"])
+    if job["tile"] is not None and list(job["tile"]) != io["tile"]:
+        raise invalid("bad-job", f"job tile {job['tile']} but the model's input is {io['tile']}")
+    if job["scale"] is not None and job["scale"] != io["scale"]:
+        raise invalid("bad-job", f"job scale {job['scale']} but the model upscales x{io['scale']}")
+    if 2 * job["overlap"] >= min(io["tile"]):
+        raise invalid("bad-job", f"overlap {job['overlap']} leaves no interior in a {io['tile']} tile")
+    model = TiledModel(interp, io, job["overlap"])
+
+    first_name, first_path = job["inputs"][0]
+    lr = load_lr(first_name, first_path)
+    pad = ((0, max(0, model.tile_h - lr.shape[0])), (0, max(0, model.tile_w - lr.shape[1])), (0, 0))
+    bench_tile = np.pad(lr, pad, mode="edge")[: model.tile_h, : model.tile_w]  # the timed tile: real image content
+    del lr
+    t0 = time.perf_counter_ns()
+    model.invoke(bench_tile)
+    first_inference_ms = _ms(t0)
+    memory["after_first_inference"] = memory_snapshot()
+    for _ in range(job["warmup"]):
+        model.invoke(bench_tile)
+    samples = []
+    for _ in range(job["runs"]):
+        t0 = time.perf_counter_ns()
+        model.invoke(bench_tile)
+        samples.append(_ms(t0))
+
+    out_dir = job["out_dir"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for name, path in job["inputs"]:  # one image at a time, so the peak holds one image's buffers
+        lr = load_lr(name, path)
+        t0 = time.perf_counter_ns()
+        sr, tiles, padded = model.upscale(lr)
+        ms = _ms(t0)
+        np.save(out_dir / f"{name}.npy", sr)
+        images.append(
+            {
+                "name": name,
+                "lr_shape": list(lr.shape[:2]),
+                "sr_shape": list(sr.shape[:2]),
+                "tiles": tiles,
+                "padded": padded,
+                "ms": round(ms, 4),
+                "output": f"{name}.npy",
+            }
+        )
+        del lr, sr
+    memory["end"] = memory_snapshot()
+    return {
+        "runner_version": RUNNER_VERSION,
+        "model": str(job["model"]),
+        "model_size_bytes": job["model"].stat().st_size,
+        "runtime": runtime,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+        "threads": job["threads"],
+        "tile": io["tile"],
+        "overlap": job["overlap"],
+        "stride": [t - 2 * job["overlap"] for t in io["tile"]],
+        "scale": io["scale"],
+        "warmup": job["warmup"],
+        "runs": job["runs"],
+        "load_ms": round(load_ms, 4),
+        "first_inference_ms": round(first_inference_ms, 4),
+        "latency_ms": latency_stats(samples),
+        "images": images,
+        "outputs": [img["output"] for img in images],
+        "memory": {"source": memory_source(), "unit": "MiB", "phases": memory},
+        "peak_rss_mb": memory["end"].get("VmHWM"),
+        "wall_ms": round(_ms(t_start), 3),
+    }
+
+
+def describe(model: Path, runtime_choice: str) -> dict[str, Any]:
+    runtime, interpreter_cls = load_runtime(runtime_choice)
+    interp = open_model(interpreter_cls, model, threads=1)
+    io = model_io(interp, model)
+    # Tensors stored in TFLite's sparse format (inputs of DENSIFY ops): how a bare file reveals its encoding.
+    sparse = [t["name"] for t in interp.get_tensor_details() if t.get("sparsity_parameters")]
+    return {
+        "runner_version": RUNNER_VERSION,
+        "model": str(model),
+        "size_bytes": model.stat().st_size,
+        "sparse_tensors": len(sparse),
+        "inputs": io["inputs"],
+        "outputs": io["outputs"],
+        "tile": io["tile"],
+        "scale": io["scale"],
+        "runtime": runtime,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--job", type=Path, help="job.json (or the folder holding it) to run")
+    mode.add_argument("--describe", type=Path, metavar="MODEL", help="print a .tflite model's shapes as JSON")
+    parser.add_argument("--runtime", default=None, choices=["auto", *RUNTIMES], help="interpreter (default auto)")
+    args = parser.parse_args(argv)
+    try:
+        if args.describe is not None:
+            print(json.dumps(describe(args.describe, args.runtime or "auto")))
+            return 0
+        job_path = args.job / "job.json" if args.job.is_dir() else args.job
+        result = run_job(job_path, args.runtime)  # a --runtime on the command line overrides the job's
+        write_json_atomic(read_job(job_path)["out_dir"] / "result.json", result)
+        print(f"runner: {len(result['images'])} image(s), tile latency median {result['latency_ms']['median']:.3f} ms")
+        return 0
+    except RunnerError as exc:
+        print(f"runner error [{exc.kind}]: {_one_line(exc)}", file=sys.stderr)
+        return exc.code
+    except Exception as exc:  # anything the runtime raises: one line, no traceback, non-zero
+        print(f"runner error [failed]: {exc.__class__.__name__}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

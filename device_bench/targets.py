@@ -1,0 +1,164 @@
+"""Where models run. A target takes a job folder in and gives a job folder back: files only.
+
+`LocalTarget` runs `runner.py` in a separate process with the device Python (a venv holding only a TFLite
+runtime and numpy), so the measured process never contains torch and memory figures are the runner's alone.
+ssh and adb targets implement the same three calls: push the job folder, run the runner, pull `<out_dir>`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgesr.errors import BadInput, TargetFailed
+
+log = logging.getLogger("device_bench")
+
+RUNNER = Path(__file__).with_name("runner.py")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEVICE_PYTHON_ENV = "EDGESR_DEVICE_PYTHON"
+# Runner error kinds that mean "the user's model is unusable" (exit 2) rather than "the target failed" (exit 3).
+_MODEL_ERRORS = ("invalid-model", "unsupported-model")
+
+
+class Target(ABC):
+    """A device that can describe a model and run a benchmark job folder."""
+
+    name: str
+    emulated: bool  # True for emulators/VMs: their numbers prove correctness and plumbing, never speed
+
+    @abstractmethod
+    def describe(self, model: Path) -> dict[str, Any]:
+        """The model's input/output shapes, tile and scale, and the runtime that would run it."""
+
+    @abstractmethod
+    def run(self, job_dir: Path) -> dict[str, Any]:
+        """Run `job_dir/job.json`; on return `job_dir/<out_dir>/` holds result.json and the SR .npy outputs."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """What the report's environment block says about this target."""
+
+
+def default_device_python(flag: str | os.PathLike | None = None) -> Path:
+    """The device Python: the --device-python flag, else $EDGESR_DEVICE_PYTHON, else <repo>/.venv-device."""
+    if flag:
+        return Path(flag)
+    if os.environ.get(DEVICE_PYTHON_ENV):
+        return Path(os.environ[DEVICE_PYTHON_ENV])
+    venv = REPO_ROOT / ".venv-device" / "bin" / "python"
+    if venv.exists():
+        return venv
+    raise BadInput(
+        f"no device Python: {venv} does not exist (make setup builds it); pass --device-python or set "
+        f"{DEVICE_PYTHON_ENV}"
+    )
+
+
+@dataclass
+class LocalTarget(Target):
+    """This machine, through a separate runner process in the device venv."""
+
+    device_python: Path
+    timeout_s: float = 600.0
+    runtime: str = "auto"
+    name: str = "local"
+    emulated: bool = False
+
+    def _call(self, args: list[str], what: str, cwd: Path, log_path: Path | None = None) -> str:
+        cmd = [str(self.device_python), str(RUNNER), *args, "--runtime", self.runtime]
+        log.debug("%s: %s", self.name, " ".join(cmd))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, cwd=cwd)
+        except FileNotFoundError:
+            raise TargetFailed(f"target {self.name}: device Python {self.device_python} not found") from None
+        except PermissionError:
+            raise TargetFailed(f"target {self.name}: device Python {self.device_python} is not executable") from None
+        except OSError as exc:
+            raise TargetFailed(f"target {self.name}: cannot start {self.device_python}: {exc.strerror}") from None
+        except subprocess.TimeoutExpired as exc:
+            if log_path is not None:
+                log_path.write_text(_text(exc.stderr))
+            where = f" (log: {log_path})" if log_path is not None else ""
+            raise TargetFailed(f"target {self.name}: {what} timed out after {self.timeout_s:g} s{where}") from None
+        where = f" (log: {log_path})" if log_path is not None else ""
+        if log_path is not None:
+            log_path.write_text(proc.stderr)
+        if proc.returncode != 0:
+            kind, reason = _runner_error(proc.stderr)
+            if proc.returncode == 2 and kind in _MODEL_ERRORS:
+                raise BadInput(reason)
+            if proc.returncode < 0:
+                try:
+                    sig = signal.Signals(-proc.returncode).name
+                except ValueError:
+                    sig = f"signal {-proc.returncode}"
+                raise TargetFailed(f"target {self.name}: {what}: runner killed by {sig}{where}")
+            raise TargetFailed(f"target {self.name}: {what} failed (exit {proc.returncode}): {reason}{where}")
+        return proc.stdout
+
+    def describe(self, model: Path) -> dict[str, Any]:
+        model = Path(model).resolve()
+        out = self._call(["--describe", str(model)], f"describe {model.name}", cwd=model.parent)
+        try:
+            return json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise TargetFailed(f"target {self.name}: describe printed no JSON: {out[-200:]!r}") from None
+
+    def run(self, job_dir: Path) -> dict[str, Any]:
+        job_dir = Path(job_dir).resolve()
+        log_path = job_dir / "runner.log"
+        self._call(["--job", str(job_dir / "job.json")], f"job {job_dir.name}", cwd=job_dir, log_path=log_path)
+        out_dir = job_dir / json.loads((job_dir / "job.json").read_text())["out_dir"]
+        try:
+            return json.loads((out_dir / "result.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise TargetFailed(f"target {self.name}: runner wrote no readable result.json ({exc})") from None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": "local",
+            "emulated": self.emulated,
+            "device_python": str(self.device_python),
+            "host": platform.node(),
+            "runtime_choice": self.runtime,
+            "timeout_s": self.timeout_s,
+        }
+
+
+def _text(data: str | bytes | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def _runner_error(stderr: str) -> tuple[str, str]:
+    """(kind, message) from the runner's one-line error; the runtime's own chatter on stderr is skipped."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("runner error ["):
+            kind, _, message = line[len("runner error [") :].partition("]: ")
+            return kind, message
+    return "failed", lines[-1][:300] if lines else "no error message"
+
+
+TARGET_KINDS = ("local",)
+
+
+def make_targets(
+    names: list[str], device_python: str | os.PathLike | None, timeout_s: float, runtime: str
+) -> list[Target]:
+    """Targets by name; only `local` exists today (ssh and adb come behind the same interface)."""
+    targets: list[Target] = []
+    for name in dict.fromkeys(names):
+        if name not in TARGET_KINDS:
+            raise BadInput(f"unknown target '{name}'; available: {', '.join(TARGET_KINDS)}")
+        targets.append(LocalTarget(default_device_python(device_python), timeout_s=timeout_s, runtime=runtime))
+    return targets

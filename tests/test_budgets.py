@@ -1,0 +1,111 @@
+"""Budgets files: strict parsing (one-line errors naming key, file and valid keys) and the pass/margin verdicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from device_bench.budgets import BUDGETS, Budgets, check, load_budgets
+from edgesr.errors import EXIT_BAD_INPUT, BadInput
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "device_bench" / "budgets.example.yaml"
+ROW = {"size_bytes": 512 * 1024, "peak_rss_mb": 120.0, "latency_ms_median": 40.0, "psnr_y_db": 31.5}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "budgets.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_example_file_and_per_target_override() -> None:
+    b = load_budgets(EXAMPLE)
+    assert b.defaults == {"max_model_kb": 600, "max_peak_mb": 400, "max_latency_ms": 500, "min_psnr_db": 30.0}
+    assert b.for_target("local") == {**b.defaults, "max_latency_ms": 1000}
+    assert b.for_target("pi4") == b.defaults  # a target without an entry gets the defaults
+
+
+def test_target_override_decides_the_verdict(tmp_path: Path) -> None:
+    b = load_budgets(write(tmp_path, "defaults: {max_latency_ms: 30}\ntargets:\n  local: {max_latency_ms: 50}\n"))
+    assert check(b, "local", ROW)["max_latency_ms"] == {
+        "limit": 50.0,
+        "value": 40.0,
+        "pass": True,
+        "margin": 10.0,
+        "unit": "ms",
+    }
+    other = check(b, "pi4", ROW)["max_latency_ms"]
+    assert not other["pass"] and other["margin"] == pytest.approx(-10.0)
+
+
+def test_check_units_and_margins() -> None:
+    b = Budgets(defaults={"max_model_kb": 500, "max_peak_mb": 100, "min_psnr_db": 32})
+    v = check(b, "local", ROW)
+    assert v["max_model_kb"]["value"] == 512 and v["max_model_kb"]["margin"] == -12 and not v["max_model_kb"]["pass"]
+    assert v["max_peak_mb"]["margin"] == -20 and not v["max_peak_mb"]["pass"]
+    assert v["min_psnr_db"]["margin"] == pytest.approx(-0.5) and not v["min_psnr_db"]["pass"]
+    exact = check(Budgets(defaults={"max_latency_ms": 40}), "local", ROW)["max_latency_ms"]
+    assert exact["pass"] and exact["margin"] == 0  # a value exactly at its limit passes
+
+
+def test_missing_measurement_fails_its_budget() -> None:
+    v = check(Budgets(defaults={"min_psnr_db": 20}), "local", {**ROW, "psnr_y_db": None})["min_psnr_db"]
+    assert v == {"limit": 20.0, "value": None, "pass": False, "margin": None, "unit": "dB"}
+
+
+def test_no_budgets_means_everything_passes(tmp_path: Path) -> None:
+    assert check(load_budgets(None), "local", ROW) == {}
+    assert check(load_budgets(write(tmp_path, "# nothing yet\n")), "local", ROW) == {}
+    assert load_budgets(write(tmp_path, "defaults:\ntargets:\n")).for_target("local") == {}
+
+
+@pytest.mark.parametrize(
+    "text, where, key",
+    [
+        ("defaults: {max_ram_mb: 100}\n", "defaults", "max_ram_mb"),
+        ("targets:\n  local: {max_latency: 10}\n", "targets.local", "max_latency"),
+        ("budgets: {max_model_kb: 1}\n", "top-level", "budgets"),
+    ],
+)
+def test_unknown_key_is_one_line_naming_key_file_and_valid_keys(
+    tmp_path: Path, text: str, where: str, key: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(BadInput) as err:
+        load_budgets(path)
+    msg = str(err.value)
+    assert "\n" not in msg and f"'{key}'" in msg and str(path) in msg and where in msg
+    valid = ("defaults", "targets") if where == "top-level" else tuple(BUDGETS)
+    assert all(k in msg for k in valid)
+    assert err.value.exit_code == EXIT_BAD_INPUT
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [("fast", "must be a number"), ("true", "must be a number"), ("-5", "must not be negative"), (".nan", "number")],
+)
+def test_bad_values(tmp_path: Path, value: str, problem: str) -> None:
+    with pytest.raises(BadInput, match=problem) as err:
+        load_budgets(write(tmp_path, f"defaults:\n  max_peak_mb: {value}\n"))
+    assert "max_peak_mb" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("defaults: [1, 2]\n", "must be a mapping"),
+        ("targets: [local]\n", "'targets' must map"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("defaults: {max_peak_mb: 1\n", "not valid YAML"),
+    ],
+)
+def test_malformed_files(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(BadInput, match=problem) as err:
+        load_budgets(write(tmp_path, text))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="no such budgets file"):
+        load_budgets(tmp_path / "nope.yaml")
