@@ -95,6 +95,15 @@ def convert_checkpoint(
             artifacts += _tflite_artifacts(model, staging, cfg, x, reference)
         if "coreml" in cfg.formats:
             artifacts += _coreml_artifacts(model, staging, cfg, scale)
+        # A sparse artifact in which nothing was encoded sparse would only duplicate the dense one.
+        skipped = [
+            {"file": a["file"], "reason": f"no conv weight tensor with >= {cfg.sparse_min:.0%} zeros worth encoding"}
+            for a in artifacts
+            if a["encoding"] == "sparse" and a["weights"]["sparse_tensors"] == 0
+        ]
+        for s in skipped:
+            log.info("%s not written: %s", s["file"], s["reason"])
+        artifacts = [a for a in artifacts if a["file"] not in {s["file"] for s in skipped}]
         manifest = new_manifest(
             "convert",
             model=cfg.name or source.get("name") or checkpoint.stem,
@@ -114,6 +123,7 @@ def convert_checkpoint(
                 "output_shape": list(reference.shape),
             },
             artifacts=artifacts,
+            skipped=skipped,
             versions=versions("torch", "litert-torch", "ai-edge-litert", "coremltools"),
         )
         _publish(staging, out_dir, [a["file"] for a in artifacts], manifest)
@@ -206,8 +216,6 @@ def _tflite_artifacts(
     dense_stats = conv_filter_stats(dense_bytes)
     dense_parity, dense_out = parity.check_tflite(dense_path, reference, x)
     sparse_parity, _ = parity.check_tflite(sparse_path, reference, x, dense_output=dense_out)
-    if sparse_stats.sparse_tensors == 0:
-        log.warning("sparse.tflite: no conv filter has >= %.0f%% zeros; it is the dense file", 100 * cfg.sparse_min)
     dense = _artifact(dense_path, "tflite", "dense")
     dense.update(weights=_weights(dense_stats.conv_weights, dense_stats.nonzeros, 0), parity=dense_parity)
     sparse = _artifact(sparse_path, "tflite", "sparse")

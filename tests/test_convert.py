@@ -75,8 +75,11 @@ def test_sparse_tflite_is_small_and_encoded(converted):
     out = converted["out"]
     dense, sparse = (out / "dense.tflite").read_bytes(), (out / "sparse.tflite").read_bytes()
     assert len(sparse) <= 0.35 * len(dense)
-    # litert-torch stores identical constants once: the two MeanShift convs share one identity filter tensor.
-    expected = len({w.transpose(0, 2, 3, 1).tobytes() for w in _convs(converted["model"]) if _sparse_enough(w)})
+    # litert-torch stores identical constants once (the two MeanShift convs share one identity filter), and the
+    # 9-weight MeanShift filter is not worth a sparse tensor's ~270 B of flatbuffer tables: it stays dense.
+    expected = len(
+        {w.transpose(0, 2, 3, 1).tobytes() for w in _convs(converted["model"]) if _sparse_enough(w) and w.size > 9}
+    )
     model = schema.ModelT.InitFromPackedBuf(sparse, 0)
     sg = model.subgraphs[0]
     densify = [op for op in sg.operators if _is_densify(model, op)]
@@ -264,3 +267,14 @@ def test_cli_parity_failure_exit_1_keeps_out_dir_as_it_was(tmp_path):
     argv = ["--checkpoint", str(ckpt), "--out", str(out), "--formats", "tflite", "--tile", "32"]
     assert run_cli(main, argv) == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_unpruned_model_gets_no_sparse_artifacts(tmp_path):
+    """Nothing worth encoding: no sparse file that merely duplicates (or outgrows) the dense one."""
+    torch.manual_seed(1)
+    model = create_model("edsr-tiny", scale=2, n_resblocks=1, n_feats=8)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {"name": "dense"})
+    manifest = convert_checkpoint(ckpt, tmp_path / "out", formats=("tflite",), tile=32)
+    assert [a["file"] for a in manifest["artifacts"]] == ["dense.tflite"]
+    assert [s["file"] for s in manifest["skipped"]] == ["sparse.tflite"]
+    assert not (tmp_path / "out" / "sparse.tflite").exists()
