@@ -12,7 +12,7 @@ PIP_FLAGS := --disable-pip-version-check -q
 # Knobs (override on the command line, e.g. `make compress SPARSITY=0.9`).
 METHOD ?= magnitude
 SPARSITY ?= 0.8
-STEPS ?= 400
+STEPS ?= 1000
 CKPT ?= checkpoints/edsr-tiny-x2/model.pt
 OUT ?= runs/latest
 FORMATS ?= tflite,coreml
@@ -47,7 +47,7 @@ $(DEVICE_VENV)/.ok:
 	touch $@
 
 demo: setup ## prune the shipped x2 model to 80%, convert dense+sparse to TFLite and Core ML, bench locally, report
-	$(PY) -m compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --sparsity 0.8 --steps 300 \
+	$(PY) -m compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --sparsity 0.8 --steps 1200 \
 		--out runs/demo/pruned
 	$(PY) -m convert --checkpoint checkpoints/edsr-tiny-x2/model.pt --formats tflite --tile $(TILE) \
 		--name edsr-tiny-x2-dense --out runs/demo/convert-unpruned

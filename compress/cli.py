@@ -2,7 +2,7 @@
 
   edgesr compress train --model edsr-tiny --scale 2 --steps 3000 --out runs/dense
   edgesr compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --method magnitude --sparsity 0.8 \
-      --steps 400 --out runs/pruned
+      --steps 1000 --out runs/pruned
   edgesr compress eval --checkpoint runs/pruned/model.pt
 
 Each of train/prune writes <out>/model.pt and <out>/manifest.json (architecture, per-layer sparsity, params,
@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prune-fraction",
         type=float,
-        default=0.6,
-        help="share of the steps over which sparsity ramps up; the rest fine-tunes (default 0.6)",
+        default=0.5,
+        help="share of the steps over which sparsity ramps up; the rest fine-tunes (default 0.5)",
     )
-    _train_args(p, steps=400, lr=2e-4)
+    _train_args(p, steps=1000, lr=5e-4)
     e = sub.add_parser("eval", help="PSNR/SSIM and size figures of a checkpoint")
     e.add_argument("--checkpoint", type=Path, required=True)
     e.add_argument("--test-set", default="sporco")
