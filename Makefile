@@ -50,7 +50,7 @@ demo: setup ## prune the shipped x2 model to 80%, convert dense+sparse to TFLite
 	$(PY) -m compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --sparsity 0.8 --steps 1200 \
 		--out runs/demo/pruned
 	$(PY) -m convert --checkpoint checkpoints/edsr-tiny-x2/model.pt --formats tflite --tile $(TILE) \
-		--name edsr-tiny-x2-dense --out runs/demo/convert-unpruned
+		--name edsr-tiny-x2 --out runs/demo/convert-unpruned
 	$(PY) -m convert --checkpoint runs/demo/pruned/model.pt --formats tflite,coreml --tile $(TILE) \
 		--name edsr-tiny-x2-pruned80 --out runs/demo/convert
 	$(PY) -m device_bench bench runs/demo/convert-unpruned runs/demo/convert --targets local \
