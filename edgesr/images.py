@@ -56,7 +56,7 @@ def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
 
 def bicubic_resize(img: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     """Resize a uint8 RGB array to (width, height) with Pillow's bicubic filter."""
-    return np.asarray(Image.fromarray(img).resize(size_wh, Image.BICUBIC), dtype=np.uint8)
+    return np.array(Image.fromarray(img).resize(size_wh, Image.BICUBIC), dtype=np.uint8)  # owned, writable
 
 
 def bicubic_downscale(hr: np.ndarray, scale: int) -> np.ndarray:

@@ -132,4 +132,5 @@ def test_shipped_checkpoint_beats_bicubic():
     pairs = load_test_set("sporco", 2)
     ours, bicubic = evaluate(model, pairs, 2)["mean"]["psnr_y_db"], evaluate_bicubic(pairs, 2)["mean"]["psnr_y_db"]
     assert ours > bicubic + 0.5
-    assert ours == pytest.approx(manifest["psnr_y_db"], abs=1e-6)
+    # Same figure as recorded; thread count changes float summation order, hence not bit-exact.
+    assert ours == pytest.approx(manifest["psnr_y_db"], abs=1e-3)
