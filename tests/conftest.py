@@ -1,22 +1,32 @@
-"""Fixtures shared by the test modules: the device venv's python, and one converted test model."""
+"""What the test modules share: the repo root, running a stage's CLI, the device python, one converted model."""
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from device_bench.targets import default_device_python
+from edgesr.errors import BadInput
 
 REPO = Path(__file__).resolve().parent.parent
 TILE = 64
 
 
+def run_module(module: str, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` from the repo root, as a user runs it; output captured as text."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def find_device_python() -> str:
-    """The device venv's python. `make test` builds it first, so a missing one is a failure, not a skip."""
-    for cand in (os.environ.get("EDGESR_DEVICE_PYTHON"), REPO / ".venv-device" / "bin" / "python"):
-        if cand and Path(cand).exists():
-            return str(cand)
-    pytest.fail("no device venv: run `make setup` (builds .venv-device) or set EDGESR_DEVICE_PYTHON")
+    """The device venv's python, found as device_bench finds it. `make test` builds it first: missing fails."""
+    try:
+        return str(default_device_python())
+    except BadInput as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -12,20 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import find_device_python
+from conftest import REPO, find_device_python, run_module
 from edgesr.datasets import builtin_hr_images, load_test_set
 from edgesr.images import save_png, to_float
 from edgesr.manifest import sha256
 from edgesr.metrics import mean_scores, sr_scores
 
-REPO = Path(__file__).resolve().parent.parent
 TILE, OVERLAP = 64, 14
 LOOSE = "defaults: {max_model_kb: 100000, max_peak_mb: 100000, max_latency_ms: 100000, min_psnr_db: 0}\n"
 
 
 def cli(*args: object) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "device_bench", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    return run_module("device_bench", *args)
 
 
 def bench(*args: object, device: str | None = None) -> subprocess.CompletedProcess:

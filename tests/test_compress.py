@@ -1,9 +1,6 @@
 """Training, gradual magnitude pruning, resume, size figures and the compress CLI, on real photos."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +11,9 @@ from compress.evaluate import model_stats
 from compress.models import create_model
 from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
 from compress.train import TrainConfig, train
+from conftest import REPO, run_module
 from edgesr.datasets import load_training_images
 from edgesr.errors import BadInput
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +73,7 @@ def test_macs_for_720p_output_by_hand():
 
 
 def run_compress(*args):
-    return subprocess.run([sys.executable, "-m", "compress", *args], cwd=REPO, capture_output=True, text=True)
+    return run_module("compress", *args)
 
 
 def test_prune_cli_writes_checkpoint_and_manifest(tmp_path):

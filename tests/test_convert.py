@@ -6,8 +6,6 @@ The conversion runs once per module (it takes a while on 2 cores); the tests rea
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from torch import nn
 from compress.checkpoint import save_checkpoint
 from compress.models import create_model
 from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
+from conftest import run_module
 from convert import coreml
 from convert.cli import main
 from convert.parity import compare
@@ -30,7 +29,6 @@ from convert.tflite import tflite_op_counts
 from edgesr.errors import BadInput, CheckFailed, run_cli
 from edgesr.manifest import read_json, sha256
 
-ROOT = Path(__file__).resolve().parents[1]
 TILE = 64
 
 
@@ -241,13 +239,7 @@ def test_cli_bad_checkpoint_exit_2(converted, tmp_path, case):
         data = converted["ckpt"].read_bytes()
         ckpt.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    res = subprocess.run(
-        [sys.executable, "-m", "convert", "--checkpoint", str(ckpt), "--out", str(out), "--tile", str(TILE)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_module("convert", "--checkpoint", ckpt, "--out", out, "--tile", TILE, timeout=300)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and str(ckpt) in lines[0], res.stderr

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, find_device_python
+from conftest import REPO, find_device_python, run_module
 
 SHIPPED = REPO / "checkpoints" / "edsr-tiny-x2" / "model.pt"
 PASS = "defaults: {max_model_kb: 1000, max_peak_mb: 4000, max_latency_ms: 60000, min_psnr_db: 20}\n"
 FAIL = "defaults: {max_model_kb: 200, min_psnr_db: 20}\n"
-
-
-def run(module: str, *args: object) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True)
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +36,10 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("convert", "--checkpoint", root / "pruned" / "model.pt", "--tile", 96, "--out", root / "convert"),
     ]
     for module, *args in steps:
-        proc = run(module, *args)
+        proc = run_module(module, *args)
         assert proc.returncode == 0, proc.stderr[-2000:]
     (root / "pass.yaml").write_text(PASS)
-    bench = run(
+    bench = run_module(
         "device_bench",
         "bench",
         root / "convert",
@@ -110,7 +103,7 @@ def test_tflite_psnr_equals_torch_psnr(pipeline):
 
 def test_failing_budget_exits_1_and_says_by_how_much(pipeline):
     (pipeline["root"] / "fail.yaml").write_text(FAIL)
-    proc = run("device_bench", "report", pipeline["root"] / "bench", "--budgets", pipeline["root"] / "fail.yaml")
+    proc = run_module("device_bench", "report", pipeline["root"] / "bench", "--budgets", pipeline["root"] / "fail.yaml")
     assert proc.returncode == 1
     md = (pipeline["root"] / "bench" / "report.md").read_text()
     assert "max_model_kb" in md and "over by" in md

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import find_device_python
+from conftest import REPO, find_device_python
 from device_bench.runner import tile_regions
 from edgesr.datasets import builtin_hr_images
 from edgesr.images import bicubic_downscale, modcrop, to_float
 
-REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "device_bench" / "runner.py"
 TILE = 64
 

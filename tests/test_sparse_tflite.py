@@ -15,7 +15,8 @@ from ai_edge_litert.interpreter import Interpreter
 
 from convert.sparse_tflite import CsrTensor, conv_filter_stats, decode_csr, encode_csr, sparsify_tflite
 
-ROOT = Path(__file__).resolve().parents[1]
+# Not from conftest: test_rewrite_needs_no_tensorflow imports this module in a bare subprocess.
+REPO = Path(__file__).resolve().parents[1]
 IDX = schema.SparseIndexVector
 
 
@@ -212,6 +213,6 @@ def test_rewrite_needs_no_tensorflow():
         "sparsify_tflite(conv_model([_pruned((6, 3, 3, 8), 0.8)]))\n"
         "print('tensorflow' in sys.modules, 'torch' in sys.modules)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["False", "False"]
