@@ -222,9 +222,10 @@ def _sparsifiable(
 SPARSE_TENSOR_OVERHEAD_BYTES = 272
 
 
-def _encoded_bytes(csr: CsrTensor) -> int:
+def _encoded_bytes(csr: CsrTensor, params: schema.SparsityParametersT) -> int:
     """Estimated bytes of a CSR-encoded tensor in the file, to keep one only where it is smaller than dense."""
-    index_bytes = sum(_index_vector(v)[1].values.nbytes for v in (csr.indices, csr.segments))
+    last = params.dimMetadata[-1]
+    index_bytes = last.arraySegments.values.nbytes + last.arrayIndices.values.nbytes
     return csr.values.size * 4 + index_bytes + SPARSE_TENSOR_OVERHEAD_BYTES
 
 
@@ -249,14 +250,15 @@ def sparsify_tflite(src: bytes, min_sparsity: float = MIN_SPARSITY) -> tuple[byt
             if 1.0 - np.count_nonzero(dense) / dense.size < min_sparsity:
                 continue
             csr = encode_csr(dense)
-            if _encoded_bytes(csr) >= dense.nbytes:
+            params = _sparsity_parameters(csr)
+            if _encoded_bytes(csr, params) >= dense.nbytes:
                 log.debug("left %s dense: CSR would not be smaller", t.name)
                 continue
             sparse_t = schema.TensorT()
             sparse_t.name = _name_bytes(t.name) + b"_sparse"
             sparse_t.shape, sparse_t.type = list(t.shape), t.type
             sparse_t.buffer = t.buffer  # the old buffer now holds only the non-zeros
-            sparse_t.sparsity = _sparsity_parameters(csr)
+            sparse_t.sparsity = params
             model.buffers[t.buffer].data = np.frombuffer(csr.values.astype("<f4").tobytes(), dtype=np.uint8)
             model.buffers.append(schema.BufferT())  # the dense filter becomes a run-time tensor
             t.buffer = len(model.buffers) - 1
