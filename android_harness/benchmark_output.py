@@ -28,6 +28,11 @@ class BenchmarkOutput:
     raw: str = ""
 
 
+def _find(text: str, patterns: dict[str, str], cast: type = float) -> dict:
+    """{key: cast(first group)} for each pattern that matches `text`; keys whose pattern is absent are left out."""
+    return {key: cast(m.group(1)) for key, pat in patterns.items() if (m := re.search(pat, text))}
+
+
 def _stat_fields(line: str) -> dict[str, float]:
     """`count=50 first=1 curr=2 ... median=3 p95=4` or `count=3 curr=7(all same)` -> {name: value}."""
     out = {k: float(v) for k, v in re.findall(r"(\w+)=" + _NUM, line)}
@@ -77,9 +82,7 @@ def _parse_tflite(text: str, res: BenchmarkOutput) -> None:
         "rss_anon": r"\+ RssAnn?on\s*: " + _NUM + " MB",
         "rss_file_shmem": r"\+ RssFile \+ RssShmem\s*: " + _NUM + " MB",
     }
-    for key, pat in patterns.items():
-        if m := re.search(pat, text):
-            res.memory_mb[key] = float(m.group(1))
+    res.memory_mb.update(_find(text, patterns))
     if m := re.search(r"The input model file size \(MB\): " + _NUM, text):
         res.model_size_mb = float(m.group(1))
     if m := re.search(r"Initialized session in " + _NUM + "ms", text):
@@ -96,23 +99,15 @@ def _parse_litert(text: str, res: BenchmarkOutput) -> None:
         "max": r"Inference \(max\):\s*" + _NUM + " ms",
         "std": r"Inference \(std\):\s*" + _NUM,
     }
-    for key, pat in ms.items():
-        if m := re.search(pat, text):
-            res.latency_ms[key] = float(m.group(1))
-    for key, pat in {
-        "warmup": r"Warmup \(avg\):.*\((\d+) runs\)",
-        "inference": r"Inference \(avg\):.*\((\d+) runs\)",
-    }.items():
-        if m := re.search(pat, text):
-            res.runs[key] = int(m.group(1))
+    res.latency_ms.update(_find(text, ms))
+    runs = {"warmup": r"Warmup \(avg\):.*\((\d+) runs\)", "inference": r"Inference \(avg\):.*\((\d+) runs\)"}
+    res.runs.update(_find(text, runs, int))
     mem = {
         "init_footprint": r"Init footprint:\s*" + _NUM + " MB",
         "overall_footprint": r"Overall footprint:\s*" + _NUM + " MB",
         "peak": r"Peak memory:\s*" + _NUM + " MB",
     }
-    for key, pat in mem.items():
-        if m := re.search(pat, text):
-            res.memory_mb[key] = float(m.group(1))
+    res.memory_mb.update(_find(text, mem))
 
 
 def parse_benchmark_output(text: str) -> BenchmarkOutput:
