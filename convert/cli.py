@@ -7,6 +7,8 @@ Writes into --out (created if its parent exists), per requested format:
   dense.tflite, sparse.tflite        NHWC float32 (1, tile, tile, 3) -> (1, s*tile, s*tile, 3), values in [0, 1]
   dense.mlpackage, sparse.mlpackage  Core ML ML Program, NCHW input "lr" (1, 3, tile, tile), fp32, iOS 16+
   manifest.json                      sizes, sha256, conv weight counts, parity, tiling overlap; written last
+A sparse file in which no conv weight qualified (an unpruned model) is not written; the manifest lists it
+under "skipped".
 Each TFLite file is run in ai_edge_litert on a crop of a bundled photo and compared with torch (max abs error
 <= 1e-4); the sparse file must match the dense one bit for bit. Core ML output cannot be run on Linux; its
 saved weights are read back and checked instead. The files take one fixed tile size: the device runner tiles

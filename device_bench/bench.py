@@ -9,7 +9,6 @@ shared metrics (quantized to 8 bit, Y channel, border = scale).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ from device_bench.targets import Target, make_targets
 from edgesr.datasets import SRPair, load_test_set
 from edgesr.errors import BadInput, TargetFailed
 from edgesr.images import quantize_uint8, save_png, to_float
-from edgesr.manifest import MANIFEST_NAME, read_json, sha256, size_bytes
+from edgesr.manifest import MANIFEST_NAME, read_json, sha256, size_bytes, write_json
 from edgesr.metrics import mean_scores, sr_scores
 
 log = logging.getLogger("device_bench")
@@ -226,7 +225,7 @@ def write_job(job_dir: Path, a: Artifact, pairs: list[SRPair], cfg: BenchConfig)
         "runs": cfg.runs,
         "runtime": cfg.runtime,
     }
-    (job_dir / "job.json").write_text(json.dumps(job, indent=2) + "\n")
+    write_json(job_dir / "job.json", job)
 
 
 def score_outputs(result: dict[str, Any], out_dir: Path, pairs: list[SRPair], scale: int) -> dict[str, Any]:
