@@ -9,13 +9,13 @@ Pillow-bicubic results, not with MATLAB-bicubic tables in papers.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgesr.errors import BadInput
+from edgesr.manifest import atomic_output
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -35,17 +35,10 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, img: np.ndarray) -> None:
     """Write an HxWx3 uint8 array as PNG atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
     if img.dtype != np.uint8:
         raise TypeError(f"save_png expects uint8, got {img.dtype}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
