@@ -9,10 +9,12 @@ PY := $(VENV)/bin/python
 DEVICE_PY := $(DEVICE_VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check -q
 
-# Knobs (override on the command line, e.g. `make compress SPARSITY=0.9`).
+# Knobs (override on the command line, e.g. `make compress METHOD=iks TARGET=0.85`).
 METHOD ?= magnitude
-SPARSITY ?= 0.8
+TARGET ?= 0.8
+SPARSITY ?= $(TARGET)
 STEPS ?= 1000
+COMPRESS_ARGS ?=
 CKPT ?= checkpoints/edsr-tiny-x2/model.pt
 OUT ?= runs/latest
 FORMATS ?= tflite,coreml
@@ -22,13 +24,15 @@ BUDGETS ?=
 TARGETS ?= local
 TEST_SET ?= sporco
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: help setup demo test test-all lint compress convert bench report clean
+.PHONY: help setup demo test test-all lint compress bench-prune convert bench report clean
 
 help: ## list the targets
 	@echo "edgesr make targets:"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
-	@echo "knobs: METHOD SPARSITY STEPS CKPT OUT FORMATS TILE ARTIFACTS BUDGETS TARGETS TEST_SET PYTEST_ARGS (see README)"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "knobs: METHOD TARGET (=SPARSITY) STEPS COMPRESS_ARGS CKPT OUT FORMATS TILE ARTIFACTS BUDGETS TARGETS TEST_SET"
+	@echo "       PYTEST_ARGS BENCH_ARGS (see README)"
 
 setup: $(VENV)/.ok $(DEVICE_VENV)/.ok ## build the workstation venv (.venv) and the device venv (.venv-device)
 
@@ -66,9 +70,12 @@ test-all: setup ## run every test, slow ones included
 lint: setup ## ruff format check and lint
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
 
-compress: setup ## prune CKPT with METHOD to SPARSITY over STEPS, into OUT/pruned
+compress: setup ## prune CKPT with METHOD (magnitude|iks) to TARGET sparsity over STEPS, into OUT/pruned
 	$(PY) -m compress prune --checkpoint $(CKPT) --method $(METHOD) --sparsity $(SPARSITY) --steps $(STEPS) \
-		--test-set $(TEST_SET) --out $(OUT)/pruned
+		--test-set $(TEST_SET) --out $(OUT)/pruned $(COMPRESS_ARGS)
+
+bench-prune: setup ## print PSNR and step time of dense, magnitude and IKS at 50/80/90% (a benchmark, ~30 min)
+	$(PY) benchmarks/prune_tradeoff.py --checkpoint $(CKPT) --steps $(STEPS) --out $(OUT)/bench-prune $(BENCH_ARGS)
 
 convert: setup ## convert CKPT (default OUT/pruned/model.pt if it exists) to FORMATS at TILE, into OUT/convert
 	$(PY) -m convert --checkpoint $(if $(wildcard $(OUT)/pruned/model.pt),$(OUT)/pruned/model.pt,$(CKPT)) \

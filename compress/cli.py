@@ -3,11 +3,14 @@
   edgesr compress train --model edsr-tiny --scale 2 --steps 3000 --out runs/dense
   edgesr compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --method magnitude --sparsity 0.8 \
       --steps 1000 --out runs/pruned
+  edgesr compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --method iks --sparsity 0.85 \
+      --steps 1000 --out runs/iks85
   edgesr compress eval --checkpoint runs/pruned/model.pt
 
 Each of train/prune writes <out>/model.pt and <out>/manifest.json (architecture, per-layer sparsity, params,
 non-zeros, MACs for a 1280x720 output, PSNR/SSIM on the test set, seed, time) and keeps <out>/train_state.pt
-for resuming. Exit codes: 0 done, 2 bad input.
+for resuming. Under `torchrun --nproc_per_node N -m compress ...` training is data-parallel.
+Exit codes: 0 done, 1 the method could not meet its target (IKS), 2 bad input.
 """
 
 from __future__ import annotations
@@ -21,16 +24,19 @@ from typing import Any
 
 from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.data import PatchSampler
-from compress.evaluate import evaluate, evaluate_bicubic, model_stats
+from compress.evaluate import evaluate, evaluate_bicubic, model_stats, validator
 from compress.models import create_model, list_models, model_spec
+from compress.pruning.base import Pruner
+from compress.pruning.iks import GATES, GRANULARITIES, IKSConfig, IKSPruner
 from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
-from compress.train import TrainConfig, train
+from compress.train import TrainConfig, is_main_process, train
 from edgesr.datasets import load_test_set, load_training_images
 from edgesr.errors import BadInput, run_cli
 from edgesr.manifest import new_manifest, versions
 
 log = logging.getLogger("compress")
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "iks")
+DEFAULT_LAYERS = {"magnitude": "all", "iks": "default"}
 
 
 def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -60,14 +66,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a checkpoint to a target sparsity, fine-tuning as it goes")
     p.add_argument("--checkpoint", type=Path, required=True, help="edgesr checkpoint or EDSR-PyTorch .pt")
     p.add_argument("--method", default="magnitude", choices=METHODS, help="pruning method (default magnitude)")
-    p.add_argument("--sparsity", type=float, required=True, help="target fraction of zero conv weights, in (0, 1)")
     p.add_argument(
+        "--sparsity", type=float, required=True, help="target fraction of zero weights in the pruned layers, in (0, 1)"
+    )
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="which convs to prune: 'all' (every trainable conv), 'default' (the architecture's sparse layers: "
+        "EDSR body convs) or comma-separated globs such as 'body.*'. Default: all for magnitude, default for iks",
+    )
+    _train_args(p, steps=1000, lr=5e-4)
+    m = p.add_argument_group("magnitude")
+    m.add_argument(
         "--prune-fraction",
         type=float,
         default=0.5,
         help="share of the steps over which sparsity ramps up; the rest fine-tunes (default 0.5)",
     )
-    _train_args(p, steps=1000, lr=5e-4)
+    i = p.add_argument_group("iks (defaults are the reference code's, RaccoonDML/IKS)")
+    i.add_argument("--granularity", default="weight", choices=list(GRANULARITIES), help="one threshold per ...")
+    i.add_argument("--gate", default="soft", choices=GATES, help="soft: sign(w)relu(|w|-t); hard: w*[|w|>t]")
+    i.add_argument("--theta-init", type=float, default=-12.0, help="initial θ; threshold = sigmoid(θ) (default -12)")
+    i.add_argument("--init-decay", type=float, default=1.0, help="multiply θ once at the start (default 1)")
+    i.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps per 'epoch': sparsity check, validation and decay decision (default steps/200, at least 1)",
+    )
+    i.add_argument("--decay-distance", type=int, default=10, help="min epochs between decays, D (default 10)")
+    i.add_argument("--decay-slope", type=float, default=0.005, help="k in θ *= 1 + k(S_cur - S_target) (0.005)")
+    i.add_argument("--band", type=float, default=1.0, help="percent above target where no decay fires (default 1)")
+    i.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="accept a selected model this far below the target (fraction; default 0; the reference used 0.05)",
+    )
+    i.add_argument("--val-set", default="hopper", help="held-out images for checkpoint selection (default hopper)")
     e = sub.add_parser("eval", help="PSNR/SSIM and size figures of a checkpoint")
     e.add_argument("--checkpoint", type=Path, required=True)
     e.add_argument("--test-set", default="sporco")
@@ -87,6 +123,38 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         )
     except ValueError as exc:
         raise BadInput(str(exc)) from None
+
+
+def _pruner(args: argparse.Namespace, model: Any) -> Pruner:
+    """The pruner the flags ask for; bad values are BadInput naming the flag."""
+    if not 0.0 < args.sparsity < 1.0:
+        raise BadInput(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    layers = args.layers or DEFAULT_LAYERS[args.method]
+    try:
+        if args.method == "magnitude":
+            if not 0.0 < args.prune_fraction <= 1.0:
+                raise BadInput(f"--prune-fraction must be in (0, 1], got {args.prune_fraction}")
+            end = max(1, round(args.steps * args.prune_fraction))
+            config = MagnitudeConfig(target=args.sparsity, end_step=end, frequency=max(1, end // 20), layers=layers)
+            return GradualMagnitudePruner(model, config)
+        iks = IKSConfig(
+            target=args.sparsity,
+            total_steps=args.steps,
+            eval_every=args.eval_every or max(1, args.steps // 200),
+            granularity=args.granularity,
+            gate=args.gate,
+            theta_init=args.theta_init,
+            init_decay=args.init_decay,
+            decay_slope=args.decay_slope,
+            decay_distance=args.decay_distance,
+            band=args.band,
+            tolerance=args.tolerance,
+            layers=layers,
+        )
+        val_pairs = load_test_set(args.val_set, model.config.scale)
+        return IKSPruner(model, iks, validate=validator(val_pairs, model.config.scale))
+    except ValueError as exc:
+        raise BadInput(f"{args.method}: {exc}") from None
 
 
 def _finish(args: argparse.Namespace, model: Any, cfg: TrainConfig, run: dict, extra: dict) -> None:
@@ -165,17 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     model, parent = load_checkpoint(args.checkpoint)
-    if not 0.0 < args.sparsity < 1.0:
-        raise BadInput(f"--sparsity must be in (0, 1), got {args.sparsity}")
-    if not 0.0 < args.prune_fraction <= 1.0:
-        raise BadInput(f"--prune-fraction must be in (0, 1], got {args.prune_fraction}")
-    end = max(1, round(args.steps * args.prune_fraction))
-    pruner = GradualMagnitudePruner(
-        model, MagnitudeConfig(target=args.sparsity, end_step=end, frequency=max(1, end // 20))
-    )
+    pruner = _pruner(args, model)
     sampler = PatchSampler(images, model.config.scale, cfg.lr_patch, cfg.batch_size, cfg.seed)
     run = train(model, sampler, cfg, args.out, pruner=pruner, resume=not args.no_resume)
     pruning = pruner.finalize()
+    if not is_main_process():
+        return 0
     parent_info = {"path": str(args.checkpoint), "psnr_y_db": parent.get("psnr_y_db"), "name": parent.get("name")}
     _finish(
         args,

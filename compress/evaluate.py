@@ -6,6 +6,7 @@ Also the model's size figures for manifests: per-layer and total parameters, non
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,17 @@ def evaluate(model: nn.Module, pairs: list[SRPair], scale: int) -> dict[str, Any
     """{"mean": {...}, "per_image": {name: {...}}} of Y-PSNR/SSIM, border = scale."""
     per = {p.name: sr_scores(quantize_uint8(super_resolve(model, p.lr)), p.hr, scale) for p in pairs}
     return {"mean": mean_scores(list(per.values())), "per_image": per}
+
+
+def validator(pairs: list[SRPair], scale: int) -> Callable[[nn.Module], float]:
+    """A function model -> mean Y-PSNR on `pairs` that leaves the model in training mode afterwards."""
+
+    def validate(model: nn.Module) -> float:
+        psnr = evaluate(model, pairs, scale)["mean"]["psnr_y_db"]
+        model.train()
+        return psnr
+
+    return validate
 
 
 def evaluate_bicubic(pairs: list[SRPair], scale: int) -> dict[str, Any]:

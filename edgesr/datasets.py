@@ -3,6 +3,8 @@
 All of it is offline. Bundled sets come from wheels the project installs:
 - test set `sporco`: the five photos shipped in sporco's `data/` (kodim23, monarch, sail, tulips, barbara);
 - test set `butterfly`: Set5's butterfly, which is exactly monarch[144:400, 271:527] (pixel-exact crop);
+- validation set `hopper`: matplotlib's sample photo of Grace Hopper (512x600 JPEG), held out from both
+  training and test images, for checkpoint selection while pruning;
 - training photos: scikit-image's bundled RGB photos (no pooch, no network).
 A folder of HR images gets its LR images by bicubic downscaling (`images.bicubic_downscale`); the DIV2K /
 BasicSR layout (an HR folder plus `LR_bicubic/X{scale}/<name>x{scale}.png`) uses the LR files it ships.
@@ -20,7 +22,7 @@ from edgesr.errors import BadInput
 from edgesr.images import IMAGE_SUFFIXES, bicubic_downscale, load_rgb, modcrop
 
 SPORCO_IMAGES = ("kodim23", "monarch", "sail", "tulips", "barbara")
-BUILTIN_TEST_SETS = ("sporco", "butterfly", "sporco+butterfly")
+BUILTIN_TEST_SETS = ("sporco", "butterfly", "sporco+butterfly", "hopper")
 # scikit-image photos that ship inside its wheel (the others are fetched from the network on first use).
 TRAINING_PHOTOS = (
     "astronaut",
@@ -59,13 +61,23 @@ def builtin_hr_images(name: str) -> list[tuple[str, np.ndarray]]:
     """HR images of a bundled test set, by name."""
     if name not in BUILTIN_TEST_SETS:
         raise BadInput(f"unknown test set '{name}'; bundled sets: {', '.join(BUILTIN_TEST_SETS)}, or a folder")
-    folder = _sporco_dir()
+    folder = _sporco_dir() if name != "hopper" else Path()
     images: list[tuple[str, np.ndarray]] = []
     if name in ("sporco", "sporco+butterfly"):
         images += [(n, load_rgb(folder / f"{n}.png")) for n in SPORCO_IMAGES]
     if name in ("butterfly", "sporco+butterfly"):
         images.append(("butterfly", load_rgb(folder / "monarch.png")[144:400, 271:527].copy()))
+    if name == "hopper":
+        images.append(("grace_hopper", load_rgb(_matplotlib_sample("grace_hopper.jpg"))))
     return images
+
+
+def _matplotlib_sample(name: str) -> Path:
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise BadInput("the 'hopper' set needs matplotlib (make setup installs it)") from None
+    return Path(matplotlib.get_data_path()) / "sample_data" / name
 
 
 def _image_files(folder: Path) -> list[Path]:

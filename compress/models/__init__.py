@@ -15,6 +15,10 @@ from compress.models.edsr import EDSR, PRESETS, EDSRConfig, edsr_config
 from edgesr.errors import BadInput
 
 ARCHS: dict[str, tuple[type, type]] = {"edsr": (EDSR, EDSRConfig)}
+# Module-name globs of the layers each architecture sparsifies by default (`--layers default`). EDSR: every body
+# conv (both convs of each ResBlock and the final body conv); head, upsampler and tail stay dense, as in the
+# IKS reference code (RaccoonDML/IKS, Train_code/code/model/edsr.py).
+DEFAULT_SPARSE_LAYERS: dict[str, tuple[str, ...]] = {"edsr": ("body.*",)}
 
 
 def list_models() -> list[str]:
@@ -37,6 +41,11 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         if isinstance(model, cls):
             return {"arch": arch, "config": asdict(model.config)}
     raise TypeError(f"{type(model).__name__} is not a registered architecture")
+
+
+def default_sparse_layers(model: nn.Module) -> list[str]:
+    """The architecture's default sparse-layer globs (see DEFAULT_SPARSE_LAYERS)."""
+    return list(DEFAULT_SPARSE_LAYERS[model_spec(model)["arch"]])
 
 
 def build_from_spec(spec: dict[str, Any], origin: str = "checkpoint") -> nn.Module:

@@ -19,6 +19,10 @@ class Pruner:
     def step(self, step: int) -> None:
         """Called after each optimiser step with the 1-based step count."""
 
+    def status(self) -> dict[str, str]:
+        """Short figures for the progress bar, e.g. {"sparsity": "79.8%"}."""
+        return {}
+
     def finalize(self) -> dict[str, Any]:
         """Make pruning permanent and return what the manifest should record about it."""
         return {"method": self.name}

@@ -24,7 +24,7 @@ class MagnitudeConfig:
     start_step: int = 0
     end_step: int = 1000
     frequency: int = 10
-    layers: tuple[str, ...] | None = None  # None: every prunable conv
+    layers: str = "all"  # a compress.pruning.masks.select_convs spec
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -40,7 +40,7 @@ class GradualMagnitudePruner(Pruner):
 
     def __init__(self, model: nn.Module, config: MagnitudeConfig) -> None:
         self.config = config
-        self.masks = WeightMasks(model, list(config.layers) if config.layers else None)
+        self.masks = WeightMasks(model, config.layers)
         self.current = 0.0
 
     def sparsity_at(self, step: int) -> float:
@@ -78,8 +78,12 @@ class GradualMagnitudePruner(Pruner):
             "method": self.name,
             "target_sparsity": c.target,
             "schedule": {"start_step": c.start_step, "end_step": c.end_step, "frequency": c.frequency},
+            "achieved_sparsity_pruned_layers": round(self.masks.sparsity(), 6),
             "pruned_layers": list(self.masks.layers),
         }
+
+    def status(self) -> dict[str, str]:
+        return {"sparsity": f"{100 * self.current:.1f}%"}
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": self.masks.state_dict(), "current": self.current}
