@@ -181,13 +181,15 @@ def _finish(args: argparse.Namespace, model: Any, cfg: TrainConfig, run: dict, e
         versions=versions("torch", "numpy"),
     )
     path = save_checkpoint(args.out, model, manifest)
+    pruned = (manifest.get("pruning") or {}).get("achieved_sparsity_pruned_layers")
     log.info(
-        "wrote %s: Y-PSNR %.3f dB (bicubic %.3f dB) on %s, sparsity %.3f of prunable weights",
+        "wrote %s: Y-PSNR %.3f dB (bicubic %.3f dB) on %s; sparsity %s of pruned layers, %.3f of all parameters",
         path,
         manifest["psnr_y_db"],
         manifest["bicubic_psnr_y_db"],
         args.test_set,
-        manifest["stats"]["sparsity_prunable"],
+        "-" if pruned is None else f"{pruned:.3f}",
+        manifest["stats"]["sparsity_all_params"],
     )
 
 

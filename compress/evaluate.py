@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.pruning.masks import prunable_convs
+from compress.pruning.gates import prunable_convs
 from edgesr.datasets import SRPair
 from edgesr.images import bicubic_upscale, quantize_uint8, to_float
 from edgesr.metrics import mean_scores, sr_scores

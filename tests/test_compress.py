@@ -33,10 +33,10 @@ def test_gradual_schedule_reaches_target_exactly_and_masks_hold(tmp_path, photos
     cfg = TrainConfig(steps=10, batch_size=2, lr_patch=12, save_every=100, device="cpu")
     train(model, PatchSampler(photos, 2, 12, 2, 0), cfg, tmp_path, pruner=pruner)
     pruner.finalize()
-    for name, conv in pruner.masks.layers.items():
+    for name, conv in pruner.layers.items():
         zeros = int((conv.weight == 0).sum())
         assert zeros == round(0.8 * conv.weight.numel()), name  # uniform: every layer exactly at target
-    # After fine-tuning steps the masked weights are still exactly zero (masks re-applied each step).
+    # After fine-tuning steps the masked weights are still exactly zero (the mask gates held them).
     assert model_stats(model, 2)["sparsity_prunable"] == pytest.approx(0.8, abs=1e-3)
 
 

@@ -12,8 +12,8 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.data import PatchSampler
 from compress.evaluate import validator
 from compress.models import create_model
+from compress.pruning.gates import bake, select_convs
 from compress.pruning.iks import IKSConfig, IKSGate, IKSPruner, theta_shape
-from compress.pruning.masks import select_convs
 from compress.train import TrainConfig, train
 from conftest import REPO, run_module
 from edgesr.datasets import load_test_set, load_training_images
@@ -121,7 +121,7 @@ def test_bake_gives_plain_convs_with_exact_zeros_and_same_output():
     x = torch.rand(1, 3, 16, 16)
     gated_out, s = model(x), pruner.gated_sparsity()
     assert 10 < s < 90
-    pruner.bake()
+    bake(pruner.layers)
     plain = small_model()
     plain.load_state_dict(model.state_dict(), strict=True)  # no θ, no parametrization keys left
     assert torch.equal(plain(x), gated_out)

@@ -1,1 +1,1 @@
-"""Pruning: one mask mechanism (`masks.WeightMasks`) and the pruners that drive it."""
+"""Pruning: one gate mechanism (`gates`) and the pruners that drive it (`magnitude`, `iks`)."""

@@ -16,9 +16,9 @@ Every `eval_every` steps (the reference's "epoch", which is 1000 iterations ther
    S_cur outside [S_t, S_t + band] (tested as |S_t + band/2 − S_cur| > band/2, as the reference does).
    Defaults are the reference values k = 0.005, D = 10, band = 1 %; Adam's moments of θ are left alone.
 
-The gates are torch parametrizations on the convs' `weight`, so the model keeps its own class and module
-names. `finalize` restores the selected state and bakes W' into plain weights with exact zeros (θ dropped):
-what convert/ receives is an ordinary network.
+The gates are `compress.pruning.gates` parametrizations on the convs' `weight`, so the model keeps its own
+class and module names. `finalize` restores the selected state and bakes W' into plain weights with exact
+zeros (θ dropped): what convert/ receives is an ordinary network.
 
 Checkpoint selection differs from the reference on one point, on purpose: the reference keeps the best PSNR
 among epochs with S_cur > S_t − 5, so its model can be 5 points short of the requested sparsity. Here the
@@ -35,10 +35,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from compress.pruning.base import Pruner
-from compress.pruning.masks import select_convs
+from compress.pruning.gates import attach_gates, bake, gate, select_convs, zero_fraction
 from edgesr.errors import CheckFailed
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ class IKSConfig:
     decay_distance: int = 10  # D, in epochs
     band: float = 1.0  # percent: no decay while S_cur is in [S_t, S_t + band]
     tolerance: float = 0.0  # fraction: selection accepts states with sparsity >= target - tolerance
-    layers: str = "default"  # a compress.pruning.masks.select_convs spec
+    layers: str = "default"  # a compress.pruning.gates.select_convs spec
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -118,9 +117,7 @@ class IKSPruner(Pruner):
     ) -> None:
         self.config, self.model, self.validate = config, model, validate
         self.layers = select_convs(model, config.layers)
-        for conv in self.layers.values():
-            gate = IKSGate(conv.weight, config.granularity, config.theta_init, config.gate)
-            parametrize.register_parametrization(conv, "weight", gate)
+        attach_gates(self.layers, lambda w: IKSGate(w, config.granularity, config.theta_init, config.gate))
         if config.init_decay != 1.0:
             self._scale_thetas(config.init_decay)
         self.last_decay_epoch = 0
@@ -130,18 +127,12 @@ class IKSPruner(Pruner):
 
     # -- measurements ---------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def gated_sparsity(self) -> float:
         """Percent of zero entries of W' over the gated layers (the reference's S_cur)."""
-        zeros = total = 0
-        for conv in self.layers.values():
-            w = conv.weight
-            zeros += int((w == 0).sum())
-            total += w.numel()
-        return 100.0 * zeros / total
+        return 100.0 * zero_fraction(self.layers.values())
 
     def thetas(self) -> list[nn.Parameter]:
-        return [conv.parametrizations.weight[0].theta for conv in self.layers.values()]
+        return [gate(conv).theta for conv in self.layers.values()]
 
     @torch.no_grad()
     def _scale_thetas(self, factor: float) -> None:
@@ -177,14 +168,6 @@ class IKSPruner(Pruner):
             return {}
         return {"sparsity": f"{self.trace[-1][1]:.1f}%", "decays": str(len(self.decays))}
 
-    @torch.no_grad()
-    def bake(self) -> None:
-        """Replace every gate by its current W' (exact zeros, no -0.0) and drop θ: plain convs again."""
-        for conv in self.layers.values():
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
-            w = conv.weight
-            w.copy_(torch.where(w == 0, torch.zeros_like(w), w))
-
     def finalize(self) -> dict[str, Any]:
         c = self.config
         if self.best is None:
@@ -195,7 +178,7 @@ class IKSPruner(Pruner):
                 "or allow --tolerance"
             )
         self.model.load_state_dict(self.best["state"])
-        self.bake()
+        bake(self.layers)
         per_layer = {}
         zeros = total = 0
         for name, conv in self.layers.items():

@@ -3,7 +3,8 @@
 Every `frequency` steps between `start_step` and `end_step`, each pruned layer keeps its largest-|w| weights so
 that its sparsity follows s_t = s_f * (1 - (1 - (t - t0) / (t1 - t0))^3), reaching the target s_f at t1; after
 t1 the masks stay fixed while the remaining weights fine-tune. Sparsity is uniform per layer, so every
-layer ends exactly at the target (up to rounding to whole weights).
+layer ends exactly at the target (up to rounding to whole weights). Masks are `gates.MaskGate`s: the forward
+pass sees W · mask, so pruned weights are exactly zero in every step and in the baked export.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from compress.pruning.base import Pruner
-from compress.pruning.masks import WeightMasks
+from compress.pruning.gates import MaskGate, attach_gates, bake, gate, select_convs, zero_fraction
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class MagnitudeConfig:
     start_step: int = 0
     end_step: int = 1000
     frequency: int = 10
-    layers: str = "all"  # a compress.pruning.masks.select_convs spec
+    layers: str = "all"  # a compress.pruning.gates.select_convs spec
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -40,7 +41,8 @@ class GradualMagnitudePruner(Pruner):
 
     def __init__(self, model: nn.Module, config: MagnitudeConfig) -> None:
         self.config = config
-        self.masks = WeightMasks(model, config.layers)
+        self.layers = select_convs(model, config.layers)
+        attach_gates(self.layers, MaskGate)
         self.current = 0.0
 
     def sparsity_at(self, step: int) -> float:
@@ -54,12 +56,13 @@ class GradualMagnitudePruner(Pruner):
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
-        for name, conv in self.masks.layers.items():
+        """Keep each layer's largest |W'|: weights pruned earlier have W' = 0 and stay pruned."""
+        for conv in self.layers.values():
             w = conv.weight.detach().abs().flatten()
             keep = w.numel() - round(sparsity * w.numel())
             mask = torch.zeros_like(w, dtype=torch.bool)
             mask[torch.topk(w, keep, sorted=False).indices] = True
-            self.masks.masks[name] = mask.view_as(conv.weight)
+            gate(conv).mask.copy_(mask.view_as(conv.weight))
         self.current = sparsity
 
     def step(self, step: int) -> None:
@@ -67,27 +70,26 @@ class GradualMagnitudePruner(Pruner):
         due = step >= c.end_step or (step - c.start_step) % c.frequency == 0
         if step > c.start_step and self.current < c.target and due:
             self._update_masks(self.sparsity_at(step))
-        self.masks.apply()
 
     def finalize(self) -> dict[str, Any]:
         if self.current < self.config.target:
             self._update_masks(self.config.target)
-        self.masks.apply()
+        achieved = zero_fraction(self.layers.values())
+        bake(self.layers)
         c = self.config
         return {
             "method": self.name,
             "target_sparsity": c.target,
             "schedule": {"start_step": c.start_step, "end_step": c.end_step, "frequency": c.frequency},
-            "achieved_sparsity_pruned_layers": round(self.masks.sparsity(), 6),
-            "pruned_layers": list(self.masks.layers),
+            "achieved_sparsity_pruned_layers": round(achieved, 6),
+            "pruned_layers": list(self.layers),
         }
 
     def status(self) -> dict[str, str]:
         return {"sparsity": f"{100 * self.current:.1f}%"}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self.masks.state_dict(), "current": self.current}
+        return {"current": self.current}  # the masks are buffers of the model's gates
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.masks.load_state_dict(state["masks"])
         self.current = float(state["current"])
