@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -124,6 +125,7 @@ class IKSPruner(Pruner):
         self.decays: list[dict[str, Any]] = []
         self.trace: list[list[float]] = []  # [step, gated sparsity %, val PSNR or -1]
         self.best: dict[str, Any] | None = None
+        self.validation_seconds = 0.0
 
     # -- measurements ---------------------------------------------------------------------------------------
 
@@ -150,7 +152,9 @@ class IKSPruner(Pruner):
         target_pct = 100.0 * c.target
         psnr = -1.0
         if self.validate is not None and s_cur >= 100.0 * (c.target - c.tolerance) - 1e-9:
+            t0 = time.perf_counter()
             psnr = float(self.validate(self.model))
+            self.validation_seconds += time.perf_counter() - t0
             if self.best is None or psnr > self.best["val_psnr_db"]:
                 state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 self.best = {"step": step, "val_psnr_db": psnr, "sparsity_pct": s_cur, "state": state}
@@ -194,6 +198,8 @@ class IKSPruner(Pruner):
             "config": {**asdict(c), "reference_sparse_mode": GRANULARITIES[c.granularity]},
             "selected": {k: v for k, v in self.best.items() if k != "state"},
             "selection_rule": f"best validation PSNR among states with gated sparsity >= target - {c.tolerance}",
+            "validations": sum(1 for t in self.trace if t[2] != -1),
+            "validation_seconds": round(self.validation_seconds, 1),
             "decays": self.decays,
             "trace_step_sparsity_pct_val_psnr": self.trace,
         }
@@ -205,6 +211,7 @@ class IKSPruner(Pruner):
             "decays": copy.deepcopy(self.decays),
             "trace": copy.deepcopy(self.trace),
             "best": self.best,
+            "validation_seconds": self.validation_seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -212,3 +219,4 @@ class IKSPruner(Pruner):
             raise ValueError("the saved run used other IKS settings")
         self.last_decay_epoch = int(state["last_decay_epoch"])
         self.decays, self.trace, self.best = state["decays"], state["trace"], state["best"]
+        self.validation_seconds = float(state.get("validation_seconds", 0.0))
