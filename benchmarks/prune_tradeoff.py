@@ -66,7 +66,7 @@ def run_prune(args: argparse.Namespace, method: str, target: float, threads: int
     m = read_json(out / "manifest.json")
     run = m["train"]
     done = run["steps"] - run["resumed_from"]
-    val_s = m["pruning"].get("validation_seconds", 0.0)
+    val_s = m["pruning"].get("validation_seconds", 0.0 if m["pruning"]["method"] != "iks" else None)
     return {
         "method": method,
         "target": target,
@@ -76,7 +76,7 @@ def run_prune(args: argparse.Namespace, method: str, target: float, threads: int
         "sparsity_all_params": m["stats"]["sparsity_all_params"],
         "nonzeros": m["stats"]["nonzeros"],
         "step_ms": round(1000 * run["seconds"] / done, 1) if done else None,
-        "validation_ms_per_step": round(1000 * val_s / done, 1) if done else None,
+        "validation_ms_per_step": round(1000 * val_s / done, 1) if done and val_s is not None else None,
         "decays": len(m["pruning"].get("decays", [])),
         "threads": threads,
         "folder": str(out),
