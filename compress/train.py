@@ -99,7 +99,8 @@ def train(
     pruner: Pruner | None = None,
     resume: bool = True,
 ) -> dict:
-    """Train in place; returns {"steps", "seconds", "final_loss", "resumed_from", "processes"}."""
+    """Train in place; returns {"steps" (made, fewer if the pruner ended early), "seconds", "final_loss",
+    "resumed_from", "processes"}."""
     device = resolve_device(cfg.device)
     size = _init_distributed(device, cfg)
     rank = world()[0]
@@ -109,7 +110,8 @@ def train(
     if size > 1:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         sampler.batch_size = cfg.batch_size // size
-    params = [p for p in model.parameters() if p.requires_grad]
+    own = {id(p) for p in pruner.own_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / STATE_NAME
@@ -156,7 +158,10 @@ def train(
         unit="step",
         disable=rank > 0,
     )
+    made = start
     for step in bar:
+        if pruner.done():
+            break
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
         lr, hr = sampler.batch()
@@ -166,17 +171,19 @@ def train(
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        pruner.step(step + 1)
+        pruner.step(step + 1, opt.param_groups[0]["lr"])
+        made = step + 1
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         bar.set_postfix(l1=f"{loss_ema:.4f}", **pruner.status())
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save(step + 1)
-    save(cfg.steps)
+    bar.close()
+    save(made)
     if size > 1:
         dist.barrier()
     model.eval()
     return {
-        "steps": cfg.steps,
+        "steps": made,
         "seconds": round(time.time() - t0, 1),
         "final_loss": loss_ema,
         "resumed_from": start,

@@ -1,10 +1,16 @@
-"""The pruner contract the training loop knows: regularize the loss, step after the optimiser, finalize."""
+"""The pruner contract the training loop knows: regularize the loss, step after the optimiser, finalize.
+
+A pruner may also own parameters it updates itself in `step` (kept out of the loop's Adam, e.g. FMP's
+proximal/SGD-updated vectors), and may end training early by returning True from `done` (e.g. a search that
+met its target).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 
 
 class Pruner:
@@ -16,8 +22,16 @@ class Pruner:
         """Add the method's penalty to the task loss (identity by default)."""
         return loss
 
-    def step(self, step: int) -> None:
-        """Called after each optimiser step with the 1-based step count."""
+    def step(self, step: int, lr: float) -> None:
+        """Called after each optimiser step with the 1-based step count and the learning rate just used."""
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        """Parameters this pruner updates itself; the training loop's optimiser leaves them alone."""
+        return []
+
+    def done(self) -> bool:
+        """True ends training after the current step (state is saved; the run counts the steps it made)."""
+        return False
 
     def status(self) -> dict[str, str]:
         """Short figures for the progress bar, e.g. {"sparsity": "79.8%"}."""

@@ -143,7 +143,7 @@ class IKSPruner(Pruner):
 
     # -- the Pruner contract --------------------------------------------------------------------------------
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, lr: float = 0.0) -> None:
         c = self.config
         if step % c.eval_every:
             return

@@ -65,7 +65,7 @@ class GradualMagnitudePruner(Pruner):
             gate(conv).mask.copy_(mask.view_as(conv.weight))
         self.current = sparsity
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, lr: float = 0.0) -> None:
         c = self.config
         due = step >= c.end_step or (step - c.start_step) % c.frequency == 0
         if step > c.start_step and self.current < c.target and due:
