@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", default="default", help="layer set for every method (default: the arch's sparse set)")
     p.add_argument("--test-set", default="sporco")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel; threads are split between them")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / jobs)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--extra", default="", help="extra flags passed to every `compress prune` run, as one string")
     return p.parse_args(argv)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     targets = [float(t) for t in args.targets.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     rows = [dense_row(args, threads)]
     jobs = [(m, t) for t in targets for m in methods]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
