@@ -28,7 +28,7 @@ def test_key_layout_and_output_shape(scale):
 
 
 def test_presets():
-    assert list_models() == ["edsr-8-128", "edsr-baseline", "edsr-tiny"]
+    assert list_models() == ["edsr-8-128", "edsr-baseline", "edsr-tiny", "rdn-small", "rdn-tiny"]
     base = create_model("edsr-baseline")
     assert (base.config.n_resblocks, base.config.n_feats) == (16, 64)
     assert sum(p.numel() for p in base.parameters() if p.requires_grad) == 1_369_859  # EDSR-baseline x2: 1.37 M

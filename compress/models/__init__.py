@@ -6,19 +6,29 @@ saved by `compress.checkpoint` and rebuilt without code changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any
 
 from torch import nn
 
-from compress.models.edsr import EDSR, PRESETS, EDSRConfig, edsr_config
+from compress.models.edsr import EDSR, EDSRConfig, edsr_config
+from compress.models.edsr import PRESETS as EDSR_PRESETS
+from compress.models.rdn import PRESETS as RDN_PRESETS
+from compress.models.rdn import RDN, RDNConfig, rdn_config
 from edgesr.errors import BadInput
 
-ARCHS: dict[str, tuple[type, type]] = {"edsr": (EDSR, EDSRConfig)}
+ARCHS: dict[str, tuple[type, type]] = {"edsr": (EDSR, EDSRConfig), "rdn": (RDN, RDNConfig)}
+# Preset name -> (architecture class, config builder(preset, scale, **overrides)).
+PRESETS: dict[str, tuple[type, Callable[..., Any]]] = {
+    **{name: (EDSR, edsr_config) for name in EDSR_PRESETS},
+    **{name: (RDN, rdn_config) for name in RDN_PRESETS},
+}
 # Module-name globs of the layers each architecture sparsifies by default (`--layers default`). EDSR: every body
 # conv (both convs of each ResBlock and the final body conv); head, upsampler and tail stay dense, as in the
 # IKS reference code (RaccoonDML/IKS, Train_code/code/model/edsr.py).
-DEFAULT_SPARSE_LAYERS: dict[str, tuple[str, ...]] = {"edsr": ("body.*",)}
+# RDN: every conv of the residual dense blocks (their C dense convs and the 1x1 local fusion).
+DEFAULT_SPARSE_LAYERS: dict[str, tuple[str, ...]] = {"edsr": ("body.*",), "rdn": ("rdbs.*",)}
 
 
 def list_models() -> list[str]:
@@ -30,7 +40,8 @@ def create_model(name: str, scale: int = 2, **overrides: Any) -> nn.Module:
     if name not in PRESETS:
         raise BadInput(f"unknown model '{name}'; known: {', '.join(list_models())}")
     try:
-        return EDSR(edsr_config(name, scale, **overrides))
+        cls, make_config = PRESETS[name]
+        return cls(make_config(name, scale, **overrides))
     except (TypeError, ValueError) as exc:
         raise BadInput(f"model '{name}': {exc}") from None
 

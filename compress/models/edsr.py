@@ -8,7 +8,9 @@ Inputs and outputs are float RGB in [0, 1]; `rgb_range` scales internally (offic
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +31,50 @@ class EDSRConfig:
     # Add a bilinear upsampling of the input to the output. Not in the paper: it lets a tiny net beat bicubic
     # after minutes of CPU training. RESIZE_BILINEAR converts to TFLite and Core ML.
     bilinear_skip: bool = False
+    # Per-conv width overrides (module name, out_channels, in_channels), applied after building: how a
+    # channel-pruned (sliced) network is rebuilt from its spec. Empty for every unpruned model.
+    conv_channels: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.scale not in (2, 3, 4):
             raise ValueError(f"EDSRConfig.scale must be 2, 3 or 4, got {self.scale}")
         if self.n_resblocks < 1 or self.n_feats < 1:
             raise ValueError(f"EDSRConfig needs n_resblocks >= 1 and n_feats >= 1, got {self}")
+        object.__setattr__(self, "conv_channels", normalize_conv_channels(self.conv_channels))
+
+
+def normalize_conv_channels(entries: Iterable[Sequence[Any]]) -> tuple[tuple[str, int, int], ...]:
+    """Width overrides as a hashable tuple; JSON manifests give lists of lists, which are accepted too."""
+    out = []
+    for entry in entries:
+        if len(entry) != 3 or int(entry[1]) < 1 or int(entry[2]) < 1:
+            raise ValueError(f"conv_channels entries are (name, out_channels >= 1, in_channels >= 1), got {entry!r}")
+        out.append((str(entry[0]), int(entry[1]), int(entry[2])))
+    return tuple(out)
+
+
+def apply_conv_channels(model: nn.Module, conv_channels: tuple[tuple[str, int, int], ...]) -> None:
+    """Replace each named Conv2d by a fresh one with the given widths (kernel, stride, padding, bias kept)."""
+    for name, c_out, c_in in conv_channels:
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            old = None
+        if not isinstance(old, nn.Conv2d) or old.groups != 1 or not old.weight.requires_grad:
+            raise ValueError(f"conv_channels names '{name}', which is not a trainable ungrouped Conv2d of this model")
+        new = nn.Conv2d(
+            c_in,
+            c_out,
+            old.kernel_size,
+            old.stride,
+            old.padding,
+            old.dilation,
+            1,
+            old.bias is not None,
+            old.padding_mode,
+        )
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
 
 
 class MeanShift(nn.Conv2d):
@@ -85,6 +125,7 @@ class EDSR(nn.Module):
         self.body = nn.Sequential(*[ResBlock(c, config.res_scale) for _ in range(n)], conv3x3(c, c))
         self.tail = nn.Sequential(Upsampler(config.scale, c), conv3x3(c, config.n_colors))
         self.add_mean = MeanShift(config.rgb_range, +1)
+        apply_conv_channels(self, config.conv_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) RGB in [0, 1] -> (N, 3, sH, sW), not clamped."""
