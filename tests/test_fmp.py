@@ -1,0 +1,372 @@
+"""FMP (hypernetwork channel + weight pruning), channel-only meta pruning and the L1 channel baseline, on tiny nets."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.data import PatchSampler
+from compress.evaluate import model_stats
+from compress.models import create_model
+from compress.pruning.channel_l1 import ChannelCost, l1_keep, run_channel_l1
+from compress.pruning.coupling import find_groups
+from compress.pruning.fmp import ChannelVectors, FMPConfig, FMPSearch, HyperGate, run_fmp
+from compress.pruning.gates import prunable_convs
+from compress.train import TrainConfig, train
+from edgesr.datasets import load_test_set, load_training_images
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to other jobs oversubscribing the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [img for _, img in load_training_images("bundled")[:3]]
+
+
+@pytest.fixture(scope="module")
+def butterfly():
+    lr = load_test_set("butterfly", 2)[0].lr
+    return torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+
+
+def tiny(name: str = "edsr") -> nn.Module:
+    torch.manual_seed(0)
+    if name == "edsr":
+        return create_model("edsr-tiny", scale=2, n_resblocks=1, n_feats=16)
+    return create_model("rdn-tiny", scale=2)
+
+
+def train_cfg(steps: int, **kw) -> TrainConfig:
+    return TrainConfig(**{"steps": steps, "batch_size": 2, "lr_patch": 12, "save_every": 1000, "device": "cpu", **kw})
+
+
+def sampler(photos) -> PatchSampler:
+    return PatchSampler(photos, 2, 12, 2, 0)
+
+
+def group_with(search: FMPSearch, layer: str, kind: str):
+    return next(g for g in search.groups if g.member(layer, kind) is not None)
+
+
+def zero_fraction(model: nn.Module, layers: list[str]) -> float:
+    weights = [model.get_submodule(n).weight for n in layers]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+# Settings under which the 16-feature EDSR's search meets both targets in about 75 steps at lr 2e-3: the prox
+# shrinks z by 0.02 a step against Adam's ~0.002, indicators lose 0.02 a step against the task gradient.
+LR = 2e-3
+FAST = dict(lambda_channel=10.0, lambda_weight=2e-2, check_every=5, search_fraction=0.9)
+
+
+@pytest.mark.parametrize("name", ["edsr", "rdn"])
+def test_pretrained_init_reproduces_the_dense_model(name, butterfly):
+    model = tiny(name).eval()
+    with torch.no_grad():
+        dense = model(butterfly)
+    search = FMPSearch(model, FMPConfig(params_target=0.5, weight_sparsity=0.3), total_steps=10)
+    with torch.no_grad():
+        generated = model(butterfly)
+    assert (generated - dense).abs().max() < 1e-5
+    # Every trainable conv lies in a prunable group here, so every one gets a hypernetwork; the stored weights
+    # no longer train, z and U are the pruner's own, the hypernetworks the loop's.
+    assert set(search.layers) == set(prunable_convs(tiny(name)))
+    assert all(not c.parametrizations.weight.original.requires_grad for c in search.layers.values())
+    own = {id(p) for p in search.own_parameters()}
+    assert len(own) == len(search.searched) + len(search.layers)
+    assert all(id(h.W2) not in own and h.W2.requires_grad for h in search.hyper.values())
+
+
+def test_kernel_is_dhp_hypernetwork_by_hand():
+    torch.manual_seed(1)
+    c_out, c_in, k, m = 3, 2, 3, 4
+    vectors = ChannelVectors({7: c_out, 9: c_in}, "scratch", torch.device("cpu"))
+    src_out = torch.arange(c_out) + vectors.offset[7]
+    src_in = torch.arange(c_in) + vectors.offset[9]
+    hyper = HyperGate(torch.zeros(c_out, c_in, k, k), vectors, src_out, src_in, m, "scratch", indicators=True)
+    with torch.no_grad():
+        for p in (hyper.B0, hyper.b1, hyper.b2):
+            p.normal_()
+        hyper.U.uniform_()
+    z_out, z_in = vectors.vector(7).detach(), vectors.vector(9).detach()
+    # DHP: for input channel i (n = c_in) and output channel j (c = c_out): M_ij = z_in_i z_out_j + B0_ij,
+    # e_ij = M_ij w1_ij + b1_ij, o_ij = W2_ij e_ij + b2_ij, then [n, c, k, k] permuted to [c, n, k, k].
+    # Our parameters are stored [out, in], so DHP's (i, j) entry is ours at [j, i].
+    dhp = torch.zeros(c_in, c_out, k, k)
+    for i in range(c_in):
+        for j in range(c_out):
+            mij = z_in[i] * z_out[j] + hyper.B0[j, i]
+            e = mij * hyper.w1[j, i] + hyper.b1[j, i]
+            dhp[i, j] = (hyper.W2[j, i] @ e + hyper.b2[j, i]).view(k, k)
+    expected = dhp.permute(1, 0, 2, 3) * hyper.U
+    assert torch.allclose(hyper(torch.zeros(1)), expected, atol=1e-6)
+    # DHP's scratch init: W2 ~ U(+-sqrt3 sqrt(1 / (m n k^2))), w1 ~ U(+-sqrt3).
+    assert hyper.W2.abs().max() <= 3**0.5 * (1 / (m * c_in * k * k)) ** 0.5
+    assert hyper.w1.abs().max() <= 3**0.5
+
+
+def test_scratch_init_is_dhp():
+    model = tiny("edsr")
+    search = FMPSearch(model, FMPConfig(params_target=0.5, init="scratch"), total_steps=10)
+    z = torch.cat([z.detach() for z in search.vectors.z.values()])
+    assert z.std() > 0.5 and not torch.any(z == 1)  # N(0, 1), not the pretrained ones
+    for name, conv in search.layers.items():
+        h = search.hyper[name]
+        c_in, k2 = conv.in_channels, h.W2.shape[2]
+        assert h.W2.abs().max() <= 3**0.5 * (1 / (8 * c_in * k2)) ** 0.5
+        assert not conv.bias.any() and not h.B0.any() and not h.b1.any() and not h.b2.any() and h.U is None
+
+
+def test_channel_vectors_follow_pixel_shuffle_and_concat():
+    search = FMPSearch(tiny("edsr"), FMPConfig(params_target=0.5), total_steps=10)
+    with torch.no_grad():
+        for z in search.vectors.z.values():
+            z.normal_()
+    flat = search.vectors.flat().detach()
+    up = group_with(search, "tail.0.0", "out")
+    z_up = search.vectors.vector(up.id).detach()
+    # The upsampler conv's s^2 = 4 outputs of one shuffled channel read the same entry; tail.1 reads it once.
+    assert torch.equal(flat[search.hyper["tail.0.0"].src_out], z_up.repeat_interleave(4))
+    assert torch.equal(flat[search.hyper["tail.1"].src_in], z_up)
+    assert torch.equal(flat[search.hyper["tail.1"].src_out], torch.ones(3))  # RGB output: fixed
+    rdn = FMPSearch(tiny("rdn"), FMPConfig(params_target=0.5), total_steps=10)
+    with torch.no_grad():
+        for z in rdn.vectors.z.values():
+            z.normal_()
+    flat = rdn.vectors.flat().detach()
+    # A residual dense block's 1x1 fusion reads the block input, then each of its convs' outputs, concatenated.
+    parts = [group_with(rdn, "rdbs.0.lff", "out")] + [group_with(rdn, f"rdbs.0.convs.{c}", "out") for c in range(3)]
+    expected = torch.cat([rdn.vectors.vector(g.id).detach() for g in parts])
+    assert torch.equal(flat[rdn.hyper["rdbs.0.lff"].src_in], expected)
+
+
+def test_prox_is_the_soft_threshold_and_groups_keep_min_channels():
+    search = FMPSearch(tiny("edsr"), FMPConfig(params_target=0.5, check_every=1000), total_steps=10_000)
+    signs = torch.tensor([1.0, -1.0]).repeat(8)
+    start = torch.arange(1, 17) * 0.1 * signs  # distinct magnitudes 0.1 .. 1.6, alternating signs
+    with torch.no_grad():
+        for z in search.vectors.z.values():
+            z.copy_(start)
+    lr, lam = 0.25, search.config.lambda_channel  # shrink lambda * lr = 0.025 per step
+    search.step(1, lr)  # no gradients: Adam skips z, only the prox acts
+    expected = torch.sign(start) * (start.abs() - lam * lr).clamp_min(0)
+    for z in search.vectors.z.values():
+        assert torch.allclose(z.detach(), expected, atol=1e-7)
+    for step in range(2, 200):
+        search.step(step, lr)
+    t = search.config.channel_threshold
+    for gid in search.searched:
+        z = search.vectors.vector(gid).detach()
+        # Once only min_channels entries are above T the prox leaves the group alone.
+        assert int((z.abs() > t).sum()) == 4
+        assert int(search.current_keep()[gid].sum()) == 4
+    frozen = [z.detach().clone() for z in search.vectors.z.values()]
+    search.step(200, lr)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(frozen, search.vectors.z.values(), strict=True))
+    # A prox step that kills a whole group at once still leaves min_channels in its keep mask.
+    with torch.no_grad():
+        search.vectors.vector(search.searched[0]).zero_()
+    assert int(search.current_keep()[search.searched[0]].sum()) == 4
+
+
+def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
+    model = tiny("edsr")
+    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1)
+    search = FMPSearch(model, config, total_steps=100)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for z in search.vectors.z.values():  # about half of every group's channels below T
+            z.copy_(torch.rand(z.shape, generator=gen) * (torch.rand(z.shape, generator=gen) < 0.5))
+        for h in search.hyper.values():  # about 40 % of the indicators at 0
+            h.U.copy_(torch.rand(h.U.shape, generator=gen) * (torch.rand(h.U.shape, generator=gen) > 0.4))
+    search.step(1, 0.0)
+    assert search.channels_locked_at == 1 and search.weights_locked_at == 1 and search.done()
+    entry = search.trace[-1]
+    # The cut sits at the targets: channels refilled up to the budget, exactly 30 % of the weights dead.
+    assert 0.45 < entry["params_fraction"] <= 0.5
+    assert 0.3 <= entry["weight_sparsity"] < 0.3 + 1e-3
+    with torch.no_grad():
+        searched = model(butterfly)
+        compact = search.materialize()
+        out = compact(butterfly)
+    assert (out - searched).abs().max() < 1e-5
+    assert search.report["forced"] is False and search.report["weight_masks"] == "locked by the search"
+
+
+def test_run_fmp_meets_both_targets_and_round_trips(tmp_path, photos, butterfly):
+    model = tiny("edsr")
+    dense = copy.deepcopy(model)
+    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, **FAST)
+    cfg = train_cfg(100, lr=LR)
+    compact, report = run_fmp(model, sampler(photos), cfg, tmp_path / "run", config)
+    # The search met both targets itself (nothing forced) and stopped early; fine-tuning took the rest.
+    assert report["method"] == "fmp" and report["forced"] is False, report["trace"][-3:]
+    assert report["channels_locked_at"] is not None and report["weights_locked_at"] is not None
+    assert report["search_steps"] < report["search_budget_steps"]
+    assert report["search_steps"] + report["finetune_steps"] == cfg.steps
+    assert report["trace"][-1]["channels_locked"] and report["trace"][0]["params_fraction"] == 1.0
+    # Fewer channels, at most half the parameters (counted exactly, so no slack), counts equal model_stats.
+    before, after = model_stats(dense, 2), model_stats(compact, 2)
+    assert after["params"] <= 0.5 * before["params"]
+    assert report["compact"] == {"params": after["params"], "macs": after["macs_1280x720"]}
+    assert report["original"] == {"params": before["params"], "macs": before["macs_1280x720"]}
+    shapes = {n: (m.out_channels, m.in_channels) for n, m in compact.named_modules() if isinstance(m, nn.Conv2d)}
+    for name, widths in report["widths"].items():
+        (c_out, c_in), (o_out, o_in) = widths["compact"], widths["original"]
+        assert (c_out, c_in) == shapes[name] and c_out <= o_out and c_in <= o_in
+    assert report["widths"] and sum(g["kept"] for g in report["kept_channels"].values()) < 48
+    # At least 30 % exact zeros in the hypernetwork convs after bake, kept through fine-tuning by the masks.
+    assert not any(parametrize.is_parametrized(m) for m in compact.modules())
+    achieved = zero_fraction(compact, report["pruned_layers"])
+    assert achieved >= 0.3 and achieved == pytest.approx(report["achieved_sparsity_pruned_layers"], abs=1e-6)
+    with torch.no_grad():
+        out = compact.eval()(butterfly)
+    assert out.shape == (1, 3, 2 * butterfly.shape[2], 2 * butterfly.shape[3])
+    path = save_checkpoint(tmp_path / "ck", compact, {"pruning": report})
+    loaded, manifest = load_checkpoint(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(butterfly), out)
+    assert manifest["pruning"] == json.loads(json.dumps(report))
+    # Run again on the finished folder: both phases resume at their end and rebuild the same compact net.
+    again, report_again = run_fmp(tiny("edsr"), sampler(photos), cfg, tmp_path / "run", config)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(butterfly), out)
+    assert {k: v for k, v in report_again.items() if k != "runs"} == {k: v for k, v in report.items() if k != "runs"}
+
+
+def test_forced_targets_keep_the_largest_z_and_weights(tmp_path, photos):
+    """A search too short to prune anything: materialize forces both targets."""
+    model = tiny("edsr")
+    search = FMPSearch(model, FMPConfig(params_target=0.5, weight_sparsity=0.3), total_steps=8)
+    train(model, sampler(photos), train_cfg(8), tmp_path, pruner=search)
+    assert search.steps_made == search.budget_steps == 4 and search.channels_locked_at is None
+    z = {g: search.vectors.vector(g).detach().abs().clone() for g in search.searched}
+    compact = search.materialize()
+    report = search.finetune_pruner(compact).finalize()
+    assert report["forced"] is True and report["forced_parts"] == {"channels": True, "weights": True}
+    assert report["achieved_params_fraction"] <= 0.5 and report["search_steps"] == 4
+    # Forced channels: every group kept its largest |z| (one global ascending order removed the rest).
+    widths = {n: (m.out_channels, m.in_channels) for n, m in compact.named_modules() if isinstance(m, nn.Conv2d)}
+    assert any(int(k.sum()) < k.numel() for k in search.channel_keep.values())
+    for g, keep in search.channel_keep.items():
+        kept = int(keep.sum())
+        assert set(torch.topk(z[g], kept).indices.tolist()) == set(torch.nonzero(keep).flatten().tolist())
+        producer = search.groups[g].producers[0]
+        assert widths[producer.layer][0] == kept * producer.index.shape[1] or len(search.groups[g].producers) > 1
+    # Forced weights: every hypernetwork conv at the target (per layer), exact zeros.
+    for name in report["pruned_layers"]:
+        assert report["per_layer_sparsity"][name] >= 0.3
+        assert zero_fraction(compact, [name]) >= 0.3
+
+
+def test_macs_target_on_rdn_is_forced_by_mac_count(butterfly):
+    model = tiny("rdn")
+    before = model_stats(model, 2)["macs_1280x720"]
+    search = FMPSearch(model, FMPConfig(macs_target=0.4, weight_sparsity=0.5), total_steps=10)
+    compact = search.materialize()
+    report = search.finetune_pruner(compact).finalize()
+    stats = model_stats(compact, 2)
+    assert report["forced_parts"] == {"channels": True, "weights": True}
+    assert stats["macs_1280x720"] == report["compact"]["macs"] <= 0.4 * before
+    assert report["achieved_sparsity_pruned_layers"] >= 0.5 and stats["sparsity_prunable"] >= 0.5
+    with torch.no_grad():
+        assert compact(butterfly).shape == (1, 3, 2 * butterfly.shape[2], 2 * butterfly.shape[3])
+
+
+def test_channel_only_meta_pruning_has_no_weight_zeros(tmp_path, photos):
+    model = tiny("edsr")
+    before = model_stats(model, 2)["params"]
+    compact, report = run_fmp(model, sampler(photos), train_cfg(8), tmp_path, FMPConfig(params_target=0.5))
+    assert report["method"] == "channel-only" and report["weight_masks"] is None
+    assert report["achieved_sparsity_pruned_layers"] < 0.01  # zeros only by chance
+    assert model_stats(compact, 2)["params"] <= 0.5 * before
+
+
+def test_l1_baseline_keeps_the_highest_l1_channels(tmp_path, photos):
+    model = tiny("edsr").eval()
+    groups = find_groups(model)
+    keep, cost = l1_keep(model, groups, 0.5)
+    assert cost.fraction({g: int(k.sum()) for g, k in keep.items()}, "params") <= 0.5
+    # The residual stream by hand: channel j is written by head.0, the block's second conv and the final body
+    # conv; its score sums the L1 norms of those three filters, divided by the group's mean.
+    stream = next(g for g in groups if g.member("head.0", "out") is not None)
+    by_hand = sum(
+        model.get_submodule(n).weight.detach().abs().sum(dim=(1, 2, 3)) for n in ("head.0", "body.0.body.2", "body.1")
+    )
+    kept = int(keep[stream.id].sum())
+    assert 4 <= kept < 16
+    assert set(torch.topk(by_hand, kept).indices.tolist()) == set(torch.nonzero(keep[stream.id]).flatten().tolist())
+    # The upsampler group: each channel's four PixelShuffle filters summed.
+    up = next(g for g in groups if g.member("tail.0.0", "out") is not None)
+    filters = model.get_submodule("tail.0.0").weight.detach().abs().sum(dim=(1, 2, 3)).view(16, 4).sum(1)
+    n_up = int(keep[up.id].sum())
+    assert set(torch.topk(filters, n_up).indices.tolist()) == set(torch.nonzero(keep[up.id]).flatten().tolist())
+    compact, report = run_channel_l1(model, sampler(photos), train_cfg(2), tmp_path, params_target=0.5)
+    stats = model_stats(compact, 2)
+    assert report["method"] == "channel-l1" and report["compact"]["params"] == stats["params"]
+    assert stats["params"] <= 0.5 * model_stats(model, 2)["params"] and report["finetune_steps"] == 2
+
+
+def test_channel_cost_matches_model_stats_on_rdn():
+    model = tiny("rdn").eval()
+    groups = find_groups(model)
+    keep, cost = l1_keep(model, groups, 0.4)
+    from compress.pruning.slicing import slice_model
+
+    stats = model_stats(slice_model(model, groups, keep), 2)
+    kept = {g: int(k.sum()) for g, k in keep.items()}
+    assert (cost.params(kept), cost.macs(kept)) == (stats["params"], stats["macs_1280x720"])
+    assert isinstance(cost, ChannelCost) and cost.params(kept) <= 0.4 * cost.original["params"]
+
+
+def test_resume_reproduces_vectors_indicators_and_trace(tmp_path, photos):
+    fast = {**FAST, "lambda_channel": 30.0, "lambda_weight": 5e-2, "check_every": 2}
+    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, **fast)
+
+    def run(steps: int, folder: str):
+        model = tiny("edsr")
+        search = FMPSearch(model, config, total_steps=40)
+        cfg = train_cfg(steps, lr=LR, lr_min_ratio=1.0, save_every=4)
+        train(model, sampler(photos), cfg, tmp_path / folder, pruner=search)
+        return model, search
+
+    straight_model, straight = run(40, "a")
+    run(20, "b")  # "crash" at step 20, then resume the same folder as the 40-step run
+    state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
+    state["train_config"]["steps"] = 40
+    torch.save(state, tmp_path / "b" / "train_state.pt")
+    resumed_model, resumed = run(40, "b")
+    assert resumed.trace == straight.trace and straight.channels_locked_at is not None, straight.trace[-2:]
+    assert straight.weights_locked_at is not None and straight.steps_made < 36  # stopped when both locked
+    assert resumed.steps_made == straight.steps_made
+    for g in straight.searched:
+        assert torch.allclose(straight.vectors.vector(g), resumed.vectors.vector(g), atol=1e-6)
+    for n, h in straight.hyper.items():
+        assert torch.allclose(h.U, resumed.hyper[n].U, atol=1e-6)
+        assert torch.equal(h.weight_mask, resumed.hyper[n].weight_mask)
+    for (k, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="exactly one of params_target and macs_target"):
+        FMPConfig()
+    with pytest.raises(ValueError, match="exactly one"):
+        FMPConfig(params_target=0.5, macs_target=0.5)
+    with pytest.raises(ValueError, match="weight_sparsity must be in"):
+        FMPConfig(params_target=0.5, weight_sparsity=1.0)
+    with pytest.raises(ValueError, match="smallest reachable fraction"):
+        FMPSearch(tiny("edsr"), FMPConfig(params_target=0.01), total_steps=10)
+    with pytest.raises(ValueError, match="smallest reachable fraction"):
+        l1_keep(tiny("edsr"), find_groups(tiny("edsr")), 0.01)
