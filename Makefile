@@ -14,7 +14,13 @@ METHOD ?= magnitude
 TARGET ?= 0.8
 SPARSITY ?= $(TARGET)
 STEPS ?= 1000
+PARAMS ?= 0.5
+WEIGHT_SPARSITY ?= 0.3
 COMPRESS_ARGS ?=
+CHANNEL_METHODS := fmp channel-only channel-l1
+# The target flags each method takes: --sparsity (magnitude, iks), --params [--weight-sparsity] (channel methods).
+TARGET_FLAGS = $(if $(filter $(METHOD),$(CHANNEL_METHODS)),--params $(PARAMS) \
+	$(if $(filter fmp,$(METHOD)),--weight-sparsity $(WEIGHT_SPARSITY),),--sparsity $(SPARSITY))
 CKPT ?= checkpoints/edsr-tiny-x2/model.pt
 OUT ?= runs/latest
 FORMATS ?= tflite,coreml
@@ -31,7 +37,8 @@ BENCH_ARGS ?=
 help: ## list the targets
 	@echo "edgesr make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
-	@echo "knobs: METHOD TARGET (=SPARSITY) STEPS COMPRESS_ARGS CKPT OUT FORMATS TILE ARTIFACTS BUDGETS TARGETS TEST_SET"
+	@echo "knobs: METHOD TARGET (=SPARSITY) PARAMS WEIGHT_SPARSITY STEPS COMPRESS_ARGS CKPT OUT FORMATS TILE ARTIFACTS"
+	@echo "       BUDGETS TARGETS TEST_SET"
 	@echo "       PYTEST_ARGS BENCH_ARGS (see README)"
 
 setup: $(VENV)/.ok $(DEVICE_VENV)/.ok ## build the workstation venv (.venv) and the device venv (.venv-device)
@@ -70,8 +77,8 @@ test-all: setup ## run every test, slow ones included
 lint: setup ## ruff format check and lint
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
 
-compress: setup ## prune CKPT with METHOD (magnitude|iks) to TARGET sparsity over STEPS, into OUT/pruned
-	$(PY) -m compress prune --checkpoint $(CKPT) --method $(METHOD) --sparsity $(SPARSITY) --steps $(STEPS) \
+compress: setup ## prune CKPT with METHOD to TARGET sparsity (magnitude|iks) or PARAMS (fmp|channel-*), into OUT/pruned
+	$(PY) -m compress prune --checkpoint $(CKPT) --method $(METHOD) $(TARGET_FLAGS) --steps $(STEPS) \
 		--test-set $(TEST_SET) --out $(OUT)/pruned $(COMPRESS_ARGS)
 
 bench-prune: setup ## print PSNR and step time of dense, magnitude and IKS at 50/80/90% (a benchmark, ~30 min)

@@ -30,14 +30,24 @@ sys.path.insert(0, str(REPO))
 from edgesr.manifest import read_json, write_json  # noqa: E402
 
 log = logging.getLogger("prune_tradeoff")
+SUITES = {
+    "weights": {"methods": "magnitude,iks", "targets": "0.5,0.8,0.9"},
+    "channels": {"methods": "fmp,channel-only,channel-l1", "targets": "0.5,0.3"},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints/edsr-tiny-x2/model.pt")
     p.add_argument("--out", type=Path, default=REPO / "runs/bench-prune")
-    p.add_argument("--targets", default="0.5,0.8,0.9", help="comma list of target sparsities (default 0.5,0.8,0.9)")
-    p.add_argument("--methods", default="magnitude,iks", help="pruning methods to compare (default magnitude,iks)")
+    p.add_argument("--suite", default="weights", choices=SUITES, help="weights (default) or channels")
+    p.add_argument(
+        "--targets",
+        help="comma list: sparsities (weights suite, default 0.5,0.8,0.9) or kept params "
+        "fractions (channels suite, default 0.5,0.3)",
+    )
+    p.add_argument("--methods", help="methods to compare (default: the suite's)")
+    p.add_argument("--weight-sparsity", type=float, default=0.3, help="channels suite: FMP's weight sparsity (0.3)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps per run, every method (default 1000)")
     p.add_argument("--layers", default="default", help="layer set for every method (default: the arch's sparse set)")
     p.add_argument("--test-set", default="sporco")
@@ -54,7 +64,12 @@ def run_prune(args: argparse.Namespace, method: str, target: float, threads: int
         log.info("reusing %s", out)
     else:
         cmd = [sys.executable, "-m", "compress", "prune", "--checkpoint", str(args.checkpoint), "--method", method]
-        cmd += ["--sparsity", str(target), "--steps", str(args.steps), "--layers", args.layers]
+        if args.suite == "weights":
+            cmd += ["--sparsity", str(target), "--layers", args.layers]
+        else:
+            cmd += ["--params", str(target)]
+            cmd += ["--weight-sparsity", str(args.weight_sparsity)] if method == "fmp" else []
+        cmd += ["--steps", str(args.steps)]
         cmd += ["--test-set", args.test_set, "--device", args.device, "--out", str(out), *args.extra.split()]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         log.info("running %s", " ".join(cmd))
@@ -76,6 +91,8 @@ def run_prune(args: argparse.Namespace, method: str, target: float, threads: int
         "sparsity_pruned_layers": m["pruning"]["achieved_sparsity_pruned_layers"],
         "sparsity_all_params": m["stats"]["sparsity_all_params"],
         "nonzeros": m["stats"]["nonzeros"],
+        "params": m["stats"]["params"],
+        "macs_1280x720": m["stats"]["macs_1280x720"],
         "step_ms": round(1000 * run["seconds"] / done, 1) if done else None,
         "validation_ms_per_step": round(1000 * val_s / done, 1) if done and val_s is not None else None,
         "decays": len(m["pruning"].get("decays", [])),
@@ -112,6 +129,8 @@ def dense_row(args: argparse.Namespace, threads: int) -> dict:
         "sparsity_pruned_layers": 0.0,
         "sparsity_all_params": stats["sparsity_all_params"],
         "nonzeros": stats["nonzeros"],
+        "params": stats["params"],
+        "macs_1280x720": stats["macs_1280x720"],
         "step_ms": round(step_ms, 1),
         "validation_ms_per_step": 0.0,
         "decays": 0,
@@ -122,20 +141,26 @@ def dense_row(args: argparse.Namespace, threads: int) -> dict:
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"Pruning trade-off: {args.checkpoint} on {args.test_set} (Y-PSNR, border = scale), {args.steps} steps "
-        f"per run, layers '{args.layers}', device {args.device}",
+        f"Pruning trade-off ({args.suite}): {args.checkpoint} on {args.test_set} (Y-PSNR, border = scale), "
+        f"{args.steps} steps per run, device {args.device}, "
+        + (
+            f"layers '{args.layers}'"
+            if args.suite == "weights"
+            else f"target = kept params fraction, FMP weight sparsity {args.weight_sparsity}"
+        ),
         "",
-        "| method | target | achieved (pruned layers) | whole model | non-zeros | Y-PSNR (dB) | SSIM | step (ms) "
-        "| of which validation (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | target | zeros (pruned layers) | zeros (whole model) | params | non-zeros | GMACs 1280x720 "
+        "| Y-PSNR (dB) | SSIM | step (ms) | of which validation (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['target']:.0%} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['method']} | {r['target']:.0%} | failed: {r['error']} |" + " |" * 8)
             continue
         lines.append(
             f"| {r['method']} | {r['target']:.0%} | {r['sparsity_pruned_layers']:.2%} | "
-            f"{r['sparsity_all_params']:.2%} | {r['nonzeros']:,} | {r['psnr_y_db']:.3f} | {r['ssim_y']:.4f} | "
+            f"{r['sparsity_all_params']:.2%} | {r['params']:,} | {r['nonzeros']:,} | {r['macs_1280x720'] / 1e9:.2f} | "
+            f"{r['psnr_y_db']:.3f} | {r['ssim_y']:.4f} | "
             f"{r['step_ms']} | {r['validation_ms_per_step']} |"
         )
     threads = sorted({r.get("threads") for r in rows if r.get("threads")})
@@ -152,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    targets = [float(t) for t in args.targets.split(",")]
-    methods = [m.strip() for m in args.methods.split(",")]
+    targets = [float(t) for t in (args.targets or SUITES[args.suite]["targets"]).split(",")]
+    methods = [m.strip() for m in (args.methods or SUITES[args.suite]["methods"]).split(",")]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     rows = [dense_row(args, threads)]
     jobs = [(m, t) for t in targets for m in methods]

@@ -5,6 +5,8 @@
       --steps 1000 --out runs/pruned
   edgesr compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --method iks --sparsity 0.85 \
       --steps 1000 --out runs/iks85
+  edgesr compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --method fmp --params 0.5 \
+      --weight-sparsity 0.3 --steps 2000 --out runs/fmp50
   edgesr compress eval --checkpoint runs/pruned/model.pt
 
 Each of train/prune writes <out>/model.pt and <out>/manifest.json (architecture, per-layer sparsity, params,
@@ -27,6 +29,8 @@ from compress.data import PatchSampler
 from compress.evaluate import evaluate, evaluate_bicubic, model_stats, validator
 from compress.models import create_model, list_models, model_spec
 from compress.pruning.base import Pruner
+from compress.pruning.channel_l1 import run_channel_l1
+from compress.pruning.fmp import INITS, FMPConfig, run_fmp
 from compress.pruning.iks import GATES, GRANULARITIES, IKSConfig, IKSPruner
 from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
 from compress.train import TrainConfig, is_main_process, train
@@ -35,7 +39,9 @@ from edgesr.errors import BadInput, run_cli
 from edgesr.manifest import new_manifest, versions
 
 log = logging.getLogger("compress")
-METHODS = ("magnitude", "iks")
+WEIGHT_METHODS = ("magnitude", "iks")  # unstructured: --sparsity
+CHANNEL_METHODS = ("fmp", "channel-only", "channel-l1")  # structured (fmp: and unstructured): --params/--macs
+METHODS = WEIGHT_METHODS + CHANNEL_METHODS
 DEFAULT_LAYERS = {"magnitude": "all", "iks": "default"}
 
 
@@ -67,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="edgesr checkpoint or EDSR-PyTorch .pt")
     p.add_argument("--method", default="magnitude", choices=METHODS, help="pruning method (default magnitude)")
     p.add_argument(
-        "--sparsity", type=float, required=True, help="target fraction of zero weights in the pruned layers, in (0, 1)"
+        "--sparsity", type=float, help="magnitude/iks: target fraction of zero weights in the pruned layers, in (0, 1)"
+    )
+    p.add_argument(
+        "--params", type=float, help="fmp/channel-*: fraction of the parameters the channel-pruned net keeps, in (0, 1)"
+    )
+    p.add_argument("--macs", type=float, help="fmp/channel-only: ... or of its MACs (1280x720 output), instead")
+    p.add_argument(
+        "--weight-sparsity", type=float, default=None, help="fmp: zero fraction wanted in the compact net's convs"
     )
     p.add_argument(
         "--layers",
@@ -104,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept a selected model this far below the target (fraction; default 0; the reference used 0.05)",
     )
     i.add_argument("--val-set", default="hopper", help="held-out images for checkpoint selection (default hopper)")
+    f = p.add_argument_group("fmp / channel-only (DHP hypernetwork; see README for the choices where FMP is silent)")
+    f.add_argument(
+        "--search-fraction", type=float, default=0.5, help="most of the steps the search may use (default 0.5)"
+    )
+    f.add_argument(
+        "--lambda-channel",
+        type=float,
+        default=None,
+        help="prox strength on channel vectors (default 1/(lr x search steps): an undefended channel dies in time)",
+    )
+    f.add_argument("--lambda-weight", type=float, default=1e-4, help="L1 strength on weight indicators (1e-4)")
+    f.add_argument(
+        "--indicator-lr",
+        type=float,
+        default=None,
+        help="SGD lr of the weight indicators (default 1/(lambda-weight x search steps))",
+    )
+    f.add_argument("--check-every", type=int, default=None, help="steps between mask checks (default steps/40)")
+    f.add_argument("--embedding-dim", type=int, default=8, help="hypernetwork embedding size m (DHP: 8)")
+    f.add_argument("--init", default="pretrained", choices=INITS, help="hypernetwork init (default pretrained)")
+    f.add_argument("--min-channels", type=int, default=4, help="never prune a group below this (DHP: 4)")
     e = sub.add_parser("eval", help="PSNR/SSIM and size figures of a checkpoint")
     e.add_argument("--checkpoint", type=Path, required=True)
     e.add_argument("--test-set", default="sporco")
@@ -125,10 +159,70 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         raise BadInput(str(exc)) from None
 
 
+def _check_targets(args: argparse.Namespace) -> None:
+    """Each method takes its own target flags; a wrong or missing one is BadInput naming the flag."""
+    given = {f: getattr(args, f.replace("-", "_")) for f in ("sparsity", "params", "macs", "weight-sparsity")}
+    if args.method in WEIGHT_METHODS:
+        wanted, other = ["sparsity"], ["params", "macs", "weight-sparsity"]
+    else:
+        wanted = ["params"] if args.method == "channel-l1" else ["params", "macs"]
+        other = ["sparsity"] + ([] if args.method == "fmp" else ["weight-sparsity"])
+        if args.method != "channel-l1" and given["params"] is not None and given["macs"] is not None:
+            raise BadInput("give one of --params and --macs, not both")
+        if args.method == "fmp" and given["weight-sparsity"] is None:
+            raise BadInput("--method fmp needs --weight-sparsity (use --method channel-only to prune channels only)")
+    if all(given[f] is None for f in wanted):
+        raise BadInput(f"--method {args.method} needs {' or '.join('--' + f for f in wanted)}")
+    for f in other:
+        if given[f] is not None:
+            raise BadInput(f"--{f} does not apply to --method {args.method}")
+    for f, v in given.items():
+        if v is not None and not 0.0 < v < 1.0:
+            raise BadInput(f"--{f} must be in (0, 1), got {v}")
+
+
+def _channel_prune(
+    args: argparse.Namespace, model: Any, sampler: PatchSampler, cfg: TrainConfig
+) -> tuple[Any, dict, dict]:
+    """FMP, channel-only meta pruning or L1-channel pruning: (compact model, pruning record, run summary)."""
+    try:
+        if args.method == "channel-l1":
+            compact, report = run_channel_l1(
+                model, sampler, cfg, args.out, args.params, resume=not args.no_resume, min_channels=args.min_channels
+            )
+        else:
+            search_steps = max(1, round(args.steps * args.search_fraction))
+            lambda_weight = args.lambda_weight
+            config = FMPConfig(
+                params_target=args.params,
+                macs_target=args.macs,
+                weight_sparsity=args.weight_sparsity or 0.0,
+                embedding_dim=args.embedding_dim,
+                lambda_channel=args.lambda_channel or 1.0 / (args.lr * search_steps),
+                lambda_weight=lambda_weight,
+                indicator_lr=args.indicator_lr or 1.0 / (lambda_weight * search_steps),
+                check_every=args.check_every or max(1, args.steps // 40),
+                search_fraction=args.search_fraction,
+                init=args.init,
+                min_channels=args.min_channels,
+            )
+            compact, report = run_fmp(model, sampler, cfg, args.out, config, resume=not args.no_resume)
+    except ValueError as exc:
+        raise BadInput(f"{args.method}: {exc}") from None
+    runs = list(report.pop("runs").values())
+    run = {
+        "steps": sum(r["steps"] for r in runs),
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+        "final_loss": runs[-1]["final_loss"],
+        "resumed_from": runs[0]["resumed_from"],
+        "processes": runs[0]["processes"],
+        "phases": runs,
+    }
+    return compact, report, run
+
+
 def _pruner(args: argparse.Namespace, model: Any) -> Pruner:
     """The pruner the flags ask for; bad values are BadInput naming the flag."""
-    if not 0.0 < args.sparsity < 1.0:
-        raise BadInput(f"--sparsity must be in (0, 1), got {args.sparsity}")
     layers = args.layers or DEFAULT_LAYERS[args.method]
     try:
         if args.method == "magnitude":
@@ -234,11 +328,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _finish(args, model, cfg, run, {"preset": args.model, "parent": None, "pruning": None, "started": started})
         return 0
 
+    _check_targets(args)
     model, parent = load_checkpoint(args.checkpoint)
-    pruner = _pruner(args, model)
     sampler = PatchSampler(images, model.config.scale, cfg.lr_patch, cfg.batch_size, cfg.seed)
-    run = train(model, sampler, cfg, args.out, pruner=pruner, resume=not args.no_resume)
-    pruning = pruner.finalize()
+    if args.method in CHANNEL_METHODS:
+        model, pruning, run = _channel_prune(args, model, sampler, cfg)
+    else:
+        pruner = _pruner(args, model)
+        run = train(model, sampler, cfg, args.out, pruner=pruner, resume=not args.no_resume)
+        pruning = pruner.finalize()
     if not is_main_process():
         return 0
     parent_info = {"path": str(args.checkpoint), "psnr_y_db": parent.get("psnr_y_db"), "name": parent.get("name")}
