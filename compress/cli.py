@@ -315,8 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     cfg = _train_config(args)
+    if args.command == "prune":
+        _check_targets(args)  # before any work, and before <out> exists
     images = [img for _, img in load_training_images(args.data)]
-    args.out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     if args.command == "train":
         import torch
@@ -328,7 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _finish(args, model, cfg, run, {"preset": args.model, "parent": None, "pruning": None, "started": started})
         return 0
 
-    _check_targets(args)
     model, parent = load_checkpoint(args.checkpoint)
     sampler = PatchSampler(images, model.config.scale, cfg.lr_patch, cfg.batch_size, cfg.seed)
     if args.method in CHANNEL_METHODS:
