@@ -1,7 +1,7 @@
 """FMP — flexible meta pruning (Zhang et al., ICML 2024): channels and weights pruned at once through a hypernetwork.
 
 FMP has no public code. This is DHP's hypernetwork and proximal gradient (Li et al., ECCV 2020, ofsoundof/dhp, the
-code FMP builds on) plus FMP's weight indicators, as /work/shared/research/algorithms.md §2 and §7.2 describe them.
+code FMP builds on) plus FMP's weight indicators as the paper's abstract and reviews describe them.
 
 The search (`FMPSearch`, a `Pruner` for the ordinary training loop):
 
@@ -32,7 +32,7 @@ The search (`FMPSearch`, a `Pruner` for the ordinary training loop):
 Our choices where the paper is silent (or only its reviews describe it):
 
 * Where U enters: the literal reading of "indicators influence the sparsity of kernel weights", a multiplicative
-  gate on the generated kernel (algorithms.md §7.2.4). U is projected onto [0, 1] after each SGD step. Plain SGD
+  gate on the generated kernel. U is projected onto [0, 1] after each SGD step. Plain SGD
   blew up on a randomly initialised tiny EDSR: dL/dU in the head reaches 1e-1, U went to -1e2 within 5 steps
   and the loss to NaN by step 8. The projection also makes dead indicators exactly 0 instead of flipping sign
   around it. At U = 0 the one-sided derivative lambda_W applies, so a weight comes back only when
