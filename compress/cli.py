@@ -125,14 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--lambda-channel",
         type=float,
         default=None,
-        help="prox strength on channel vectors (default 1/(lr x search steps): an undefended channel dies in time)",
+        help="prox strength on channel vectors (default: calibrated to the median |dL/dz| of the first check)",
+    )
+    f.add_argument(
+        "--channel-lr",
+        type=float,
+        default=None,
+        help="SGD lr of channel vectors (default 2/(lambda-channel x search steps): an undefended one dies mid-search)",
+    )
+    f.add_argument(
+        "--search-lr-scale", type=float, default=None, help="search lr = --lr x this (default 1/embedding-dim)"
     )
     f.add_argument("--lambda-weight", type=float, default=1e-4, help="L1 strength on weight indicators (1e-4)")
     f.add_argument(
         "--indicator-lr",
         type=float,
         default=None,
-        help="SGD lr of the weight indicators (default 1/(lambda-weight x search steps))",
+        help="SGD lr of the weight indicators (default 2/(lambda-weight x search steps): undefended ones die mid-way)",
     )
     f.add_argument("--check-every", type=int, default=None, help="steps between mask checks (default steps/40)")
     f.add_argument("--embedding-dim", type=int, default=8, help="hypernetwork embedding size m (DHP: 8)")
@@ -198,9 +207,11 @@ def _channel_prune(
                 macs_target=args.macs,
                 weight_sparsity=args.weight_sparsity or 0.0,
                 embedding_dim=args.embedding_dim,
-                lambda_channel=args.lambda_channel or 1.0 / (args.lr * search_steps),
+                lambda_channel=args.lambda_channel or 0.0,
+                channel_lr=args.channel_lr or 0.0,
+                search_lr_scale=args.search_lr_scale or 0.0,
                 lambda_weight=lambda_weight,
-                indicator_lr=args.indicator_lr or 1.0 / (lambda_weight * search_steps),
+                indicator_lr=args.indicator_lr or 2.0 / (lambda_weight * search_steps),
                 check_every=args.check_every or max(1, args.steps // 40),
                 search_fraction=args.search_fraction,
                 init=args.init,

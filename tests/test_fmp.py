@@ -67,7 +67,7 @@ def zero_fraction(model: nn.Module, layers: list[str]) -> float:
 # Settings under which the 16-feature EDSR's search meets both targets in about 75 steps at lr 2e-3: the prox
 # shrinks z by 0.02 a step against Adam's ~0.002, indicators lose 0.02 a step against the task gradient.
 LR = 2e-3
-FAST = dict(lambda_channel=10.0, lambda_weight=2e-2, check_every=5, search_fraction=0.9)
+FAST = dict(lambda_channel=10.0, channel_lr=LR, search_lr_scale=1.0, lambda_weight=2e-2, check_every=5, search_fraction=0.9)
 
 
 @pytest.mark.parametrize("name", ["edsr", "rdn"])
@@ -152,14 +152,15 @@ def test_channel_vectors_follow_pixel_shuffle_and_concat():
 
 
 def test_prox_is_the_soft_threshold_and_groups_keep_min_channels():
-    search = FMPSearch(tiny("edsr"), FMPConfig(params_target=0.5, check_every=1000), total_steps=10_000)
+    config = FMPConfig(params_target=0.5, check_every=1000, lambda_channel=0.1, channel_lr=0.25)
+    search = FMPSearch(tiny("edsr"), config, total_steps=10_000)
     signs = torch.tensor([1.0, -1.0]).repeat(8)
     start = torch.arange(1, 17) * 0.1 * signs  # distinct magnitudes 0.1 .. 1.6, alternating signs
     with torch.no_grad():
         for z in search.vectors.z.values():
             z.copy_(start)
-    lr, lam = 0.25, search.config.lambda_channel  # shrink lambda * lr = 0.025 per step
-    search.step(1, lr)  # no gradients: Adam skips z, only the prox acts
+    lr, lam = 0.25, search.config.lambda_channel  # z's own SGD lr: shrink lambda * lr = 0.025 per step
+    search.step(1, 1e-3)  # no gradients: SGD leaves z alone, only the prox acts (the loop's lr is not z's)
     expected = torch.sign(start) * (start.abs() - lam * lr).clamp_min(0)
     for z in search.vectors.z.values():
         assert torch.allclose(z.detach(), expected, atol=1e-7)

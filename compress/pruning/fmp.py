@@ -18,11 +18,13 @@ The search (`FMPSearch`, a `Pruner` for the ordinary training loop):
   penalty lambda_W * sum|U| (the norm FMP's Table 5 chose) pushes it to 0.
 * Updates: B0, w1, b1, W2, b2 and the conv biases are ordinary parameters that the loop's Adam trains. z and U
   belong to the pruner. They are registered in the model, so DDP averages their gradients and the loop's state
-  file saves them. After each loop step, z takes an Adam step at the loop's lr (DHP trains z with its main Adam;
-  a separate Adam with the same settings gives the same update) and then the prox
-  z <- sign(z) max(|z| - lambda_C lr, 0). The prox skips a group once it is down to min_channels entries above T
-  (DHP). U takes an SGD step at a constant `indicator_lr` on dL/dU + lambda_W (FMP's abstract names "proximal
-  gradient and SGD").
+  file saves them. After each loop step, z takes a plain SGD step at its own constant `channel_lr` and then the
+  prox z <- sign(z) max(|z| - lambda_C channel_lr, 0): a proximal-gradient step on task loss + lambda_C |z|_1, so
+  a channel survives only while its mean |dL/dz| keeps up with lambda_C. (DHP steps z with its main Adam, which
+  moves every z by ~lr per step whatever its gradient: with lambda_C > 1 every channel then dies at the same rate,
+  with lambda_C < 1 none dies within a short search. SGD keeps the gradient's magnitude, which is the signal.)
+  The prox skips a group once it is down to min_channels entries above T (DHP). U takes an SGD step at a constant
+  `indicator_lr` on dL/dU + lambda_W (FMP's abstract names "proximal gradient and SGD").
 * Checks every `check_every` steps (DHP: 100). A channel is kept when |z| >= T or it is among its group's
   min_channels largest (DHP's |z| >= min(T, k-th largest), made robust to ties and all-zero vectors). A weight is
   dead when U < T_w. The compact net's parameters or MACs come from the masks (`channel_l1.ChannelCost`, the same
@@ -57,14 +59,13 @@ Our choices where the paper is silent (or only its reviews describe it):
   then exactly the checkpoint's, and W_ij = (z_in_i z_out_j + B0_ij) W_ij stays linear in z, so shrinking z
   shrinks whole channels. "scratch" is DHP's init: z ~ N(0, 1), W2 ~ U(+-sqrt3 sqrt(1/(m c_in k^2))), all biases
   0 (the hypernetwork convs' own biases too, since DHP zeroes the main net's).
-* Defaults lambda_W = 1e-4, indicator_lr = 1.0, T_w = 5e-3 (DHP's channel threshold, reused). An indicator that
-  nothing defends loses indicator_lr * lambda_W = 1e-4 a step, so it dies in 1e4 steps. With lambda_C = 0.1 at
-  lr 5e-4, a z that starts at 1 dies in 2e4 steps. Both are DHP-length searches (DHP: ~80k steps at lr 1e-4).
-  Their *ranking* is what the search learns. With Adam, z resists the prox whenever its gradient is consistent,
-  since lambda_C < 1. Indicators with a large accumulated saliency -sum dL/dW W stay highest. For a search of S
-  steps, lambda_C ~ 1/(lr S) and indicator_lr ~ 1/(lambda_W S) make both finish in time; anything slower gets
-  forced. The hypernetwork scales the loop's lr on a kernel element by about |e_ij|_1 ~ m, and DHP searched at
-  lr 1e-4, so a search wants a lower lr than plain fine-tuning.
+* Defaults. lambda_C = 0 means calibrated: over the first `check_every` steps z does not move and the mean
+  |dL/dz| per channel is recorded; lambda_C becomes its median (channels whose gradient cannot keep up with the
+  median's die). channel_lr = 0 means 2 / (lambda_C S) for a search budget of S steps, so an undefended z (from 1)
+  dies by mid-search. lambda_W = 1e-4, T_w = 5e-3 (DHP's channel threshold, reused); the CLI sets indicator_lr to
+  2 / (lambda_W S) for the same reason. Anything that does not finish in time is forced (below). The hypernetwork
+  moves a kernel element about m times faster than the loop's lr moves a plain weight (Adam moves each of its m
+  W2 entries by ~lr), and DHP searched at lr 1e-4: the search runs at lr x `search_lr_scale` (default 1/m).
 * Convs: by default, every trainable conv in at least one prunable group. A group is searched only when all its
   member convs have hypernetworks, because z cannot score a channel whose weights some conv does not generate
   from z. Other groups keep their width.
@@ -118,7 +119,9 @@ class FMPConfig:
     macs_target: float | None = None  # ... or of its MACs for a 1280x720 output (exactly one of the two)
     weight_sparsity: float = 0.0  # zero fraction wanted in the hypernetwork convs of the compact net; 0 = channels only
     embedding_dim: int = 8  # m
-    lambda_channel: float = 0.1  # lambda_C, prox strength (DHP's EDSR script)
+    lambda_channel: float = 0.0  # lambda_C, prox strength; 0 = calibrated (median |dL/dz| over the first check)
+    channel_lr: float = 0.0  # SGD lr of z (constant); 0 = 2 / (lambda_C * search budget)
+    search_lr_scale: float = 0.0  # the search's lr = loop lr * this; 0 = 1 / embedding_dim
     lambda_weight: float = 1e-4  # lambda_W, L1 on the indicators
     indicator_lr: float = 1.0  # SGD learning rate of the indicators (constant)
     channel_threshold: float = 5e-3  # T (DHP)
@@ -139,8 +142,8 @@ class FMPConfig:
             raise ValueError(f"FMP weight_sparsity must be in [0, 1), got {self.weight_sparsity}")
         if self.embedding_dim < 1 or self.min_channels < 1 or self.check_every < 1:
             raise ValueError("FMP needs embedding_dim, min_channels and check_every >= 1")
-        if min(self.lambda_channel, self.lambda_weight) < 0:
-            raise ValueError("FMP lambda_channel and lambda_weight must be >= 0")
+        if min(self.lambda_channel, self.lambda_weight, self.channel_lr, self.search_lr_scale) < 0:
+            raise ValueError("FMP lambda_channel, lambda_weight, channel_lr and search_lr_scale must be >= 0")
         if min(self.channel_threshold, self.weight_threshold) <= 0:
             raise ValueError("FMP channel_threshold and weight_threshold must be > 0")
         if self.indicator_lr <= 0:
@@ -274,7 +277,11 @@ class FMPSearch(Pruner):
         self.limit = int(config.target * self.cost.original[config.metric])
         self._attach()
         zs = list(self.vectors.z.values())
-        self.z_opt = torch.optim.Adam(zs, lr=1.0, betas=(0.9, 0.999), eps=1e-8) if zs else None  # lr set per step
+        self.z_opt = torch.optim.SGD(zs, lr=1.0) if zs else None  # lr set once lambda_C is known
+        self.lambda_c = config.lambda_channel  # 0 until calibrated
+        self.z_lr = config.channel_lr
+        self.z_grad_sum = {g: torch.zeros_like(self.vectors.vector(g)) for g in self.searched}
+        self.z_grad_steps = 0
         us = [g.U for g in self.hyper.values() if g.U is not None]
         self.u_opt = torch.optim.SGD(us, lr=config.indicator_lr) if us else None
         self.trace: list[dict[str, Any]] = []
@@ -369,7 +376,7 @@ class FMPSearch(Pruner):
     @torch.no_grad()
     def prox(self, lr: float) -> None:
         """z <- sign(z) max(|z| - lambda_C lr, 0) per searched group, unless it is down to min_channels above T."""
-        shrink = self.config.lambda_channel * lr
+        shrink = self.lambda_c * lr
         for gid in self.searched:
             z = self.vectors.vector(gid)
             if int((z.abs() > self.config.channel_threshold).sum()) <= self.min_keep[gid]:
@@ -389,13 +396,37 @@ class FMPSearch(Pruner):
         for hyper in self.hyper.values():
             hyper.U.clamp_(0.0, 1.0)
 
+    def _calibrate(self) -> None:
+        """lambda_C = the median over searched channels of the mean |dL/dz| seen so far (a channel whose gradient
+        cannot keep up with that dies); z's lr lets an undefended z (from 1) die in half the search budget."""
+        if self.lambda_c <= 0:
+            mean_abs = torch.cat([v.flatten() for v in self.z_grad_sum.values()]) / max(1, self.z_grad_steps)
+            self.lambda_c = max(float(mean_abs.median()), 1e-12)
+        if self.z_lr <= 0:
+            self.z_lr = 2.0 / (self.lambda_c * self.budget_steps)
+        log.info("FMP: lambda_C %.3g, channel lr %.3g", self.lambda_c, self.z_lr)
+
+    @torch.no_grad()
+    def _channel_step(self, step: int) -> None:
+        """SGD on z at its own constant lr, then the prox; before lambda_C is calibrated, only gradients count."""
+        if self.lambda_c <= 0 or self.z_lr <= 0:
+            for g in self.searched:
+                grad = self.vectors.vector(g).grad
+                if grad is not None:
+                    self.z_grad_sum[g] += grad.abs()
+            self.z_grad_steps += 1
+            if step < self.config.check_every:
+                return
+            self._calibrate()
+        for group in self.z_opt.param_groups:
+            group["lr"] = self.z_lr
+        self.z_opt.step()
+        if self.channels_locked_at is None:
+            self.prox(self.z_lr)
+
     def step(self, step: int, lr: float) -> None:
         if self.z_opt is not None:
-            for group in self.z_opt.param_groups:
-                group["lr"] = lr
-            self.z_opt.step()
-            if self.channels_locked_at is None:
-                self.prox(lr)
+            self._channel_step(step)
         if self.u_opt is not None:
             self._indicator_step()
         for p in self.own_parameters():  # the loop zeroes only its own optimiser's gradients
@@ -503,6 +534,10 @@ class FMPSearch(Pruner):
             "z": {str(g): self.vectors.vector(g).detach().cpu().clone() for g in self.searched},
             "U": {n: h.U.detach().cpu().clone() for n, h in self.hyper.items() if h.U is not None},
             "z_opt": None if self.z_opt is None else self.z_opt.state_dict(),
+            "lambda_c": self.lambda_c,
+            "z_lr": self.z_lr,
+            "z_grad_sum": {str(g): v.cpu().clone() for g, v in self.z_grad_sum.items()},
+            "z_grad_steps": self.z_grad_steps,
             "u_opt": None if self.u_opt is None else self.u_opt.state_dict(),
             "trace": copy.deepcopy(self.trace),
             "channel_keep": None if self.channel_keep is None else {str(g): k for g, k in self.channel_keep.items()},
@@ -523,6 +558,9 @@ class FMPSearch(Pruner):
             self.hyper[n].U.copy_(u)
         if self.z_opt is not None:
             self.z_opt.load_state_dict(state["z_opt"])
+        self.lambda_c, self.z_lr = float(state["lambda_c"]), float(state["z_lr"])
+        self.z_grad_sum = {int(g): v.to(self.vectors.vector(int(g)).device) for g, v in state["z_grad_sum"].items()}
+        self.z_grad_steps = int(state["z_grad_steps"])
         if self.u_opt is not None:
             self.u_opt.load_state_dict(state["u_opt"])
         self.trace = copy.deepcopy(state["trace"])
@@ -610,7 +648,10 @@ class FMPSearch(Pruner):
             "forced_parts": forced,
             "settings": {
                 **asdict(c),
-                "z_update": "Adam(betas 0.9/0.999) at the loop's lr, then prox soft threshold lambda_channel * lr",
+                "z_update": "SGD at channel_lr, then prox soft threshold lambda_C * channel_lr",
+                "lambda_channel_used": self.lambda_c,
+                "channel_lr_used": self.z_lr,
+                "search_lr_scale_used": search_lr_scale(self.config),
                 "indicator_update": "SGD at indicator_lr on task loss + lambda_weight * sum|U|, U projected on [0, 1]",
             },
             "trace": copy.deepcopy(self.trace),
@@ -671,6 +712,12 @@ class FixedMaskPruner(Pruner):
         }
 
 
+def search_lr_scale(config: FMPConfig) -> float:
+    """The search's lr relative to the loop's: the hypernetwork moves a kernel element about `embedding_dim`
+    times faster than a plain weight at the same lr (DHP searched at 1e-4), hence 1/m by default."""
+    return config.search_lr_scale or 1.0 / config.embedding_dim
+
+
 def run_fmp(
     model: nn.Module,
     sampler: PatchSampler,
@@ -687,7 +734,8 @@ def run_fmp(
     """
     run_dir = Path(run_dir)
     search = FMPSearch(model, config, total_steps=train_cfg.steps)
-    run_search = train(model, sampler, train_cfg, run_dir / "search", pruner=search, resume=resume)
+    search_cfg = dataclasses.replace(train_cfg, lr=train_cfg.lr * search_lr_scale(config))
+    run_search = train(model, sampler, search_cfg, run_dir / "search", pruner=search, resume=resume)
     compact = search.materialize()
     finetune_cfg = dataclasses.replace(train_cfg, steps=train_cfg.steps - run_search["steps"])
     pruner = search.finetune_pruner(compact)
