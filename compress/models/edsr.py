@@ -8,13 +8,13 @@ Inputs and outputs are float RGB in [0, 1]; `rgb_range` scales internally (offic
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from compress.models.widths import apply_conv_channels, normalize_conv_channels
 
 # DIV2K RGB mean used by EDSR-PyTorch's MeanShift.
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -41,40 +41,6 @@ class EDSRConfig:
         if self.n_resblocks < 1 or self.n_feats < 1:
             raise ValueError(f"EDSRConfig needs n_resblocks >= 1 and n_feats >= 1, got {self}")
         object.__setattr__(self, "conv_channels", normalize_conv_channels(self.conv_channels))
-
-
-def normalize_conv_channels(entries: Iterable[Sequence[Any]]) -> tuple[tuple[str, int, int], ...]:
-    """Width overrides as a hashable tuple; JSON manifests give lists of lists, which are accepted too."""
-    out = []
-    for entry in entries:
-        if len(entry) != 3 or int(entry[1]) < 1 or int(entry[2]) < 1:
-            raise ValueError(f"conv_channels entries are (name, out_channels >= 1, in_channels >= 1), got {entry!r}")
-        out.append((str(entry[0]), int(entry[1]), int(entry[2])))
-    return tuple(out)
-
-
-def apply_conv_channels(model: nn.Module, conv_channels: tuple[tuple[str, int, int], ...]) -> None:
-    """Replace each named Conv2d by a fresh one with the given widths (kernel, stride, padding, bias kept)."""
-    for name, c_out, c_in in conv_channels:
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            old = None
-        if not isinstance(old, nn.Conv2d) or old.groups != 1 or not old.weight.requires_grad:
-            raise ValueError(f"conv_channels names '{name}', which is not a trainable ungrouped Conv2d of this model")
-        new = nn.Conv2d(
-            c_in,
-            c_out,
-            old.kernel_size,
-            old.stride,
-            old.padding,
-            old.dilation,
-            1,
-            old.bias is not None,
-            old.padding_mode,
-        )
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, new)
 
 
 class MeanShift(nn.Conv2d):

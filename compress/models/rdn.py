@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.models.edsr import apply_conv_channels, normalize_conv_channels
+from compress.models.widths import apply_conv_channels, normalize_conv_channels
 
 UPSCALING = ("shuffle", "nearest")
 
