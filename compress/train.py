@@ -28,7 +28,7 @@ from tqdm import tqdm
 from compress.checkpoint import torch_load
 from compress.data import PatchSampler
 from compress.pruning.base import Pruner
-from edgesr.errors import BadInput
+from edgesr.errors import BadInput, CheckFailed
 from edgesr.manifest import atomic_output
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,10 @@ def train(
         lr, hr = sampler.batch()
         lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
         loss = F.l1_loss(net(lr), hr)
+        if not torch.isfinite(loss):
+            raise CheckFailed(
+                f"training diverged at step {step + 1} (L1 loss {loss.item()}); lower --lr or the method's step sizes"
+            )
         total = pruner.regularize(loss)
         opt.zero_grad(set_to_none=True)
         total.backward()

@@ -282,6 +282,7 @@ class FMPSearch(Pruner):
         self.z_lr = config.channel_lr
         self.z_grad_sum = {g: torch.zeros_like(self.vectors.vector(g)) for g in self.searched}
         self.z_grad_steps = 0
+        self.z_max = {g: max(1.0, float(self.vectors.vector(g).detach().abs().max())) for g in self.searched}
         us = [g.U for g in self.hyper.values() if g.U is not None]
         self.u_opt = torch.optim.SGD(us, lr=config.indicator_lr) if us else None
         self.trace: list[dict[str, Any]] = []
@@ -421,6 +422,9 @@ class FMPSearch(Pruner):
         for group in self.z_opt.param_groups:
             group["lr"] = self.z_lr
         self.z_opt.step()
+        for g in self.searched:  # z scales channels: never beyond its starting scale (1 for "pretrained")
+            z = self.vectors.vector(g)
+            z.clamp_(-self.z_max[g], self.z_max[g])
         if self.channels_locked_at is None:
             self.prox(self.z_lr)
 
@@ -538,6 +542,7 @@ class FMPSearch(Pruner):
             "z_lr": self.z_lr,
             "z_grad_sum": {str(g): v.cpu().clone() for g, v in self.z_grad_sum.items()},
             "z_grad_steps": self.z_grad_steps,
+            "z_max": {str(g): v for g, v in self.z_max.items()},
             "u_opt": None if self.u_opt is None else self.u_opt.state_dict(),
             "trace": copy.deepcopy(self.trace),
             "channel_keep": None if self.channel_keep is None else {str(g): k for g, k in self.channel_keep.items()},
@@ -561,6 +566,7 @@ class FMPSearch(Pruner):
         self.lambda_c, self.z_lr = float(state["lambda_c"]), float(state["z_lr"])
         self.z_grad_sum = {int(g): v.to(self.vectors.vector(int(g)).device) for g, v in state["z_grad_sum"].items()}
         self.z_grad_steps = int(state["z_grad_steps"])
+        self.z_max = {int(g): float(v) for g, v in state["z_max"].items()}
         if self.u_opt is not None:
             self.u_opt.load_state_dict(state["u_opt"])
         self.trace = copy.deepcopy(state["trace"])
