@@ -157,7 +157,7 @@ def test_prox_is_the_soft_threshold_and_groups_keep_min_channels():
     config = FMPConfig(params_target=0.5, check_every=1000, lambda_channel=0.1, channel_lr=0.25)
     search = FMPSearch(tiny("edsr"), config, total_steps=10_000)
     signs = torch.tensor([1.0, -1.0]).repeat(8)
-    start = torch.arange(1, 17) * 0.1 * signs  # distinct magnitudes 0.1 .. 1.6, alternating signs
+    start = torch.arange(1, 17) * 0.05 * signs  # distinct magnitudes 0.05 .. 0.8 (within z's scale 1), alternating
     with torch.no_grad():
         for z in search.vectors.z.values():
             z.copy_(start)
@@ -177,6 +177,12 @@ def test_prox_is_the_soft_threshold_and_groups_keep_min_channels():
     frozen = [z.detach().clone() for z in search.vectors.z.values()]
     search.step(200, lr)
     assert all(torch.equal(a, b.detach()) for a, b in zip(frozen, search.vectors.z.values(), strict=True))
+    # z never leaves its starting scale (1 for the pretrained init), whatever the gradient step did.
+    with torch.no_grad():
+        search.vectors.vector(search.searched[0])[0] = 5.0
+    search.step(201, lr)
+    # clamped to 1, then (5 entries above T again) the prox: 1 - lambda lr
+    assert float(search.vectors.vector(search.searched[0]).abs().max()) == pytest.approx(1.0 - lam * lr)
     # A prox step that kills a whole group at once still leaves min_channels in its keep mask.
     with torch.no_grad():
         search.vectors.vector(search.searched[0]).zero_()
