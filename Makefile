@@ -82,7 +82,7 @@ compress: setup ## prune CKPT with METHOD to TARGET sparsity (magnitude|iks) or 
 		--test-set $(TEST_SET) --out $(OUT)/pruned $(COMPRESS_ARGS)
 
 bench-prune: setup ## print PSNR and step time of dense, magnitude and IKS at 50/80/90% (a benchmark, ~30 min)
-	$(PY) benchmarks/prune_tradeoff.py --checkpoint $(CKPT) --steps $(STEPS) --out $(OUT)/bench-prune $(BENCH_ARGS)
+	$(PY) benchmarks/prune_tradeoff.py --checkpoint $(CKPT) --steps $(STEPS) --jobs 2 --out $(OUT)/bench-prune $(BENCH_ARGS)
 
 convert: setup ## convert CKPT (default OUT/pruned/model.pt if it exists) to FORMATS at TILE, into OUT/convert
 	$(PY) -m convert --checkpoint $(if $(wildcard $(OUT)/pruned/model.pt),$(OUT)/pruned/model.pt,$(CKPT)) \
