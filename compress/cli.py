@@ -12,7 +12,7 @@
 Each of train/prune writes <out>/model.pt and <out>/manifest.json (architecture, per-layer sparsity, params,
 non-zeros, MACs for a 1280x720 output, PSNR/SSIM on the test set, seed, time) and keeps <out>/train_state.pt
 for resuming. Under `torchrun --nproc_per_node N -m compress ...` training is data-parallel.
-Exit codes: 0 done, 1 the method could not meet its target (IKS), 2 bad input.
+Exit codes: 0 done, 1 the method could not meet its target (IKS) or training diverged, 2 bad input.
 """
 
 from __future__ import annotations
