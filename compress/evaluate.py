@@ -49,30 +49,42 @@ def evaluate_bicubic(pairs: list[SRPair], scale: int) -> dict[str, Any]:
     return {"mean": mean_scores(list(per.values())), "per_image": per}
 
 
+def conv_output_pixels(model: nn.Module, scale: int, out_hw: tuple[int, int] = (720, 1280)) -> dict[str, float]:
+    """Output pixels of every conv for one `out_hw` output image. Conv MACs are linear in the pixel count, so they are
+    measured on a small LR probe and scaled to the target."""
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    pixels: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: pixels.__setitem__(n, o.shape[-2] * o.shape[-1]))
+        for n, m in convs.items()
+    ]
+    probe = 8
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, probe, probe, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    ratio = out_hw[0] * out_hw[1] / scale**2 / probe**2
+    return {n: pixels[n] * ratio for n in convs}
+
+
 @torch.no_grad()
 def model_stats(model: nn.Module, scale: int, out_hw: tuple[int, int] = (720, 1280)) -> dict[str, Any]:
     """Parameter, non-zero and MAC counts; MACs are for one `out_hw` output image (default 1280x720)."""
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     trainable = prunable_convs(model)
-    out_pixels: dict[str, int] = {}
-    hooks = [
-        m.register_forward_hook(lambda m, i, o, n=n: out_pixels.__setitem__(n, o.shape[-2] * o.shape[-1]))
-        for n, m in convs.items()
-    ]
-    probe = 8  # conv MACs are linear in the pixel count: measure on a small LR input, scale to the target
-    device = next(model.parameters()).device
-    model.eval()(torch.zeros(1, 3, probe, probe, device=device))
-    for h in hooks:
-        h.remove()
-    lr_pixels = out_hw[0] * out_hw[1] / scale**2
-    ratio = lr_pixels / probe**2
+    pixels = conv_output_pixels(model, scale, out_hw)
     layers, totals = {}, {"params": 0, "nonzeros": 0, "macs": 0, "nonzero_macs": 0}
     for name, conv in convs.items():
         w = conv.weight
         nnz = int((w != 0).sum())
         # MACs per output pixel = c_out * c_in/groups * k * k = the weight count.
-        macs = int(round(out_pixels[name] * ratio * w.numel()))
-        nz_macs = int(round(out_pixels[name] * ratio * nnz))
+        macs = int(round(pixels[name] * w.numel()))
+        nz_macs = int(round(pixels[name] * nnz))
         layers[name] = {
             "shape": list(w.shape),
             "params": w.numel(),

@@ -27,35 +27,15 @@ import torch
 from torch import nn
 
 from compress.data import PatchSampler
+from compress.evaluate import conv_output_pixels
 from compress.pruning.base import Pruner
 from compress.pruning.coupling import ChannelGroup, find_groups
+from compress.pruning.gates import layer_sparsity
 from compress.pruning.slicing import slice_model
 from compress.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 METRICS = ("params", "macs")
-
-
-def conv_output_pixels(model: nn.Module, scale: int, out_hw: tuple[int, int] = (720, 1280)) -> dict[str, float]:
-    """Output pixels of every conv for one `out_hw` output image, measured as `model_stats` measures them."""
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    pixels: dict[str, int] = {}
-    hooks = [
-        m.register_forward_hook(lambda m, i, o, n=n: pixels.__setitem__(n, o.shape[-2] * o.shape[-1]))
-        for n, m in convs.items()
-    ]
-    probe = 8
-    device = next(model.parameters()).device
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, probe, probe, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    ratio = out_hw[0] * out_hw[1] / scale**2 / probe**2
-    return {n: pixels[n] * ratio for n in convs}
 
 
 class ChannelCost:
@@ -298,14 +278,13 @@ def run_channel_l1(
     )
     run = train(compact, sampler, train_cfg, Path(run_dir) / "finetune", pruner=ChannelL1FineTune(), resume=resume)
     pruned = list(summary["widths"])  # the convs that lost channels
-    weights = [compact.get_submodule(n).weight for n in pruned]
-    zeros = sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
+    zeros, _ = layer_sparsity({n: compact.get_submodule(n) for n in pruned})
     report = {
         "method": "channel-l1",
         "targets": {"params_fraction": params_target, "macs_fraction": None, "weight_sparsity": 0.0},
         **summary,
         "pruned_layers": pruned,
-        "achieved_sparsity_pruned_layers": round(zeros, 6),  # no weight pruning: zeros only by chance
+        "achieved_sparsity_pruned_layers": zeros,  # no weight pruning: zeros only by chance
         "search_steps": 0,
         "finetune_steps": run["steps"],
         "forced": False,

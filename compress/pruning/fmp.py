@@ -103,7 +103,7 @@ from compress.pruning.channel_l1 import (
     prune_to_budget,
 )
 from compress.pruning.coupling import ChannelGroup, find_groups, group_masks_to_layer_masks
-from compress.pruning.gates import MaskGate, attach_gates, bake, gate, prunable_convs, select_convs
+from compress.pruning.gates import MaskGate, attach_gates, bake, gate, layer_sparsity, prunable_convs, select_convs
 from compress.pruning.slicing import slice_model
 from compress.train import TrainConfig, train
 from edgesr.errors import CheckFailed
@@ -705,15 +705,11 @@ class FixedMaskPruner(Pruner):
     @torch.no_grad()
     def finalize(self) -> dict[str, Any]:
         bake(self.gated)
-        per_layer, zeros, total = {}, 0, 0
-        for n, conv in self.layers.items():
-            z, size = int((conv.weight == 0).sum()), conv.weight.numel()
-            per_layer[n] = round(z / size, 6)
-            zeros, total = zeros + z, total + size
+        achieved, per_layer = layer_sparsity(self.layers)
         return {
             **self.record,
             "pruned_layers": list(self.layers),
-            "achieved_sparsity_pruned_layers": round(zeros / total, 6),
+            "achieved_sparsity_pruned_layers": achieved,
             "per_layer_sparsity": per_layer,
         }
 

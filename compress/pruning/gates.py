@@ -78,6 +78,17 @@ def zero_fraction(convs: Iterable[nn.Conv2d]) -> float:
 
 
 @torch.no_grad()
+def layer_sparsity(convs: dict[str, nn.Conv2d]) -> tuple[float, dict[str, float]]:
+    """(zero fraction over all given convs, {name: zero fraction}), rounded to 6 places, as manifests record them."""
+    per_layer, zeros, total = {}, 0, 0
+    for name, conv in convs.items():
+        z, n = int((conv.weight == 0).sum()), conv.weight.numel()
+        per_layer[name] = round(z / n, 6)
+        zeros, total = zeros + z, total + n
+    return round(zeros / total, 6) if total else 0.0, per_layer
+
+
+@torch.no_grad()
 def bake(convs: dict[str, nn.Conv2d]) -> None:
     """Replace every gate by its current W' (exact zeros, no -0.0): plain convs again, gate parameters dropped."""
     for conv in convs.values():

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from compress.pruning.base import Pruner
-from compress.pruning.gates import attach_gates, bake, gate, select_convs, zero_fraction
+from compress.pruning.gates import attach_gates, bake, gate, layer_sparsity, select_convs, zero_fraction
 from edgesr.errors import CheckFailed
 
 log = logging.getLogger(__name__)
@@ -183,16 +183,11 @@ class IKSPruner(Pruner):
             )
         self.model.load_state_dict(self.best["state"])
         bake(self.layers)
-        per_layer = {}
-        zeros = total = 0
-        for name, conv in self.layers.items():
-            z, n = int((conv.weight == 0).sum()), conv.weight.numel()
-            per_layer[name] = round(z / n, 6)
-            zeros, total = zeros + z, total + n
+        achieved, per_layer = layer_sparsity(self.layers)
         return {
             "method": self.name,
             "target_sparsity": c.target,
-            "achieved_sparsity_pruned_layers": round(zeros / total, 6),
+            "achieved_sparsity_pruned_layers": achieved,
             "per_layer_sparsity": per_layer,
             "pruned_layers": list(self.layers),
             "config": {**asdict(c), "reference_sparse_mode": GRANULARITIES[c.granularity]},
