@@ -1,7 +1,8 @@
 """Self-describing checkpoints: weights plus what rebuilds the model, loaded with `weights_only=True`.
 
 Format (a dict saved with torch.save): {"format": FORMAT, "arch", "config", "state_dict", "manifest"}.
-A plain EDSR-PyTorch state dict (the official release files) loads too; its config is inferred from shapes.
+A plain EDSR-PyTorch state dict (the official release files) loads too; its config is inferred from shapes
+(and res_scale 0.1 for the 32 x 256 EDSR, as EDSR-PyTorch trains it).
 `save_checkpoint` writes `<dir>/model.pt` and `<dir>/manifest.json` atomically.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,9 @@ from edgesr.errors import BadInput
 from edgesr.manifest import MANIFEST_NAME, atomic_output, write_json
 
 FORMAT = "edgesr-checkpoint/1"
+# EDSR-PyTorch's released EDSR (not the baseline): 32 blocks of 256 features, trained with `--res_scale 0.1`,
+# which the state dict cannot tell; every other official EDSR release uses res_scale 1.
+EDSR_LARGE = (32, 256)
 log = logging.getLogger(__name__)
 
 
@@ -37,16 +42,28 @@ def torch_load(path: str | Path) -> Any:
         raise BadInput(f"{path}: not a readable torch checkpoint ({first[:160]})") from None
 
 
-def _load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:
+def _few(names: list[str], n: int = 3) -> str:
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def load_state(model: nn.Module, state_dict: dict[str, Any], origin: str) -> None:
+    """Load `state_dict` into `model` strictly; BadInput naming `origin` and the first few mismatches otherwise."""
     own = model.state_dict()
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise BadInput(f"{origin}: weights do not match the architecture ({what})")
-    for k, v in state_dict.items():
-        if own[k].shape != v.shape:
-            raise BadInput(f"{origin}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    unexpected = sorted(set(state_dict) - set(own) - set(not_tensors))
+    shapes = [
+        f"'{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and isinstance(v, torch.Tensor) and own[k].shape != v.shape
+    ]
+    problems = [f"missing {_few(missing)}"] if missing else []
+    problems += [f"unexpected {_few(unexpected)}"] if unexpected else []
+    problems += [f"not tensors: {_few(not_tensors)}"] if not_tensors else []
+    problems += shapes[:3] + ([f"+{len(shapes) - 3} more shape mismatches"] if len(shapes) > 3 else [])
+    if problems:
+        raise BadInput(f"{origin}: weights do not match the model ({'; '.join(problems)})")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -57,16 +74,24 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise BadInput(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
     if obj.get("format") == FORMAT:
         model = build_from_spec(obj, origin=str(path))
-        _load_state(model, obj["state_dict"], str(path))
+        load_state(model, obj["state_dict"], str(path))
         manifest = dict(obj.get("manifest") or {})
     elif "head.0.weight" in obj and "tail.0.0.weight" in obj:
         cfg = config_from_official_state_dict(obj)
         if cfg.scale == 0:
             raise BadInput(f"{path}: cannot infer the scale of this EDSR-PyTorch checkpoint")
+        if (cfg.n_resblocks, cfg.n_feats) == EDSR_LARGE:  # the paper's EDSR trains with res_scale 0.1
+            cfg = replace(cfg, res_scale=0.1)
         model = EDSR(cfg)
-        _load_state(model, obj, str(path))
+        load_state(model, obj, str(path))
         manifest = {"source": "EDSR-PyTorch state dict", "origin": str(path)}
-        log.info("loaded EDSR-PyTorch weights: %d blocks x %d feats, x%d", cfg.n_resblocks, cfg.n_feats, cfg.scale)
+        log.info(
+            "loaded EDSR-PyTorch weights: %d blocks x %d feats, x%d, res_scale %g",
+            cfg.n_resblocks,
+            cfg.n_feats,
+            cfg.scale,
+            cfg.res_scale,
+        )
     else:
         raise BadInput(f"{path}: not an edgesr checkpoint nor an EDSR-PyTorch state dict")
     return model.eval(), manifest

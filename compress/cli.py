@@ -30,7 +30,7 @@ from compress.evaluate import evaluate, evaluate_bicubic, model_stats, validator
 from compress.models import create_model, list_models, model_spec
 from compress.pruning.base import Pruner
 from compress.pruning.channel_l1 import run_channel_l1
-from compress.pruning.fmp import INITS, FMPConfig, run_fmp
+from compress.pruning.fmp import INITS, WEIGHTS_FROM, FMPConfig, run_fmp
 from compress.pruning.iks import GATES, GRANULARITIES, IKSConfig, IKSPruner
 from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
 from compress.train import TrainConfig, is_main_process, train
@@ -141,7 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--indicator-lr",
         type=float,
         default=None,
-        help="SGD lr of the weight indicators (default 2/(lambda-weight x search steps): undefended ones die mid-way)",
+        help="SGD lr of the weight indicators (default 2/(lambda-weight x search steps they get): undefended ones "
+        "die mid-way)",
+    )
+    f.add_argument(
+        "--weights-from",
+        default="channel-lock",
+        choices=WEIGHTS_FROM,
+        help="when the weight indicators start: once the channels lock (default, staged) or at the first step (joint)",
     )
     f.add_argument("--check-every", type=int, default=None, help="steps between mask checks (default steps/40)")
     f.add_argument("--embedding-dim", type=int, default=8, help="hypernetwork embedding size m (DHP: 8)")
@@ -200,7 +207,6 @@ def _channel_prune(
                 model, sampler, cfg, args.out, args.params, resume=not args.no_resume, min_channels=args.min_channels
             )
         else:
-            search_steps = max(1, round(args.steps * args.search_fraction))
             lambda_weight = args.lambda_weight
             config = FMPConfig(
                 params_target=args.params,
@@ -211,7 +217,8 @@ def _channel_prune(
                 channel_lr=args.channel_lr or 0.0,
                 search_lr_scale=args.search_lr_scale or 0.0,
                 lambda_weight=lambda_weight,
-                indicator_lr=args.indicator_lr or 2.0 / (lambda_weight * search_steps),
+                indicator_lr=args.indicator_lr or 0.0,
+                weights_from=args.weights_from,
                 check_every=args.check_every or max(1, args.steps // 40),
                 search_fraction=args.search_fraction,
                 init=args.init,

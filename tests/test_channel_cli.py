@@ -44,7 +44,9 @@ def test_fmp_cli_writes_a_physically_smaller_model_with_exact_zeros(fmp_run):
     compact, _ = load_checkpoint(out / "model.pt")
     n_dense = sum(p.numel() for p in dense.parameters())
     n_compact = sum(p.numel() for p in compact.parameters())
-    assert n_compact <= 0.5 * n_dense and manifest["stats"]["params"] == n_compact
+    nonzeros = sum(int((p != 0).sum()) for p in compact.parameters())
+    # --params counts non-zeros: the weight zeros pay for part of the budget, the rest is channels.
+    assert nonzeros <= 0.5 * n_dense < n_compact < n_dense and manifest["stats"]["params"] == n_compact
     # Fewer channels, not masks: some conv shapes shrink, none grows, RGB in/out untouched.
     before, after = conv_shapes(dense), conv_shapes(compact)
     assert any(after[n] != before[n] for n in before) and all(after[n] <= before[n] for n in before)
@@ -64,9 +66,9 @@ def test_fmp_model_converts_dense_and_sparse_and_is_smaller_than_unpruned(fmp_ru
     small = convert_checkpoint(out / "model.pt", tmp_path / "c_fmp", formats=("tflite",), tile=32)
     big = convert_checkpoint(unpruned, tmp_path / "c_dense", formats=("tflite",), tile=32)
     size = {a["encoding"]: a["size_bytes"] for a in small["artifacts"]}
-    assert size["dense"] < 0.6 * big["artifacts"][0]["size_bytes"]  # channels gone: a smaller dense file
+    assert size["dense"] < big["artifacts"][0]["size_bytes"]  # channels gone: a smaller dense file
     assert size["sparse"] < size["dense"]  # and the exact zeros make a sparse file too
-    assert all(a["parity"]["max_abs_err"] < 1e-4 for a in small["artifacts"])
+    assert all(a["parity"]["max_abs_error"] < 1e-4 for a in small["artifacts"])
 
 
 def test_channel_l1_and_channel_only_cli(tmp_path):
@@ -113,4 +115,4 @@ def test_torchrun_ddp_fmp_on_cpu_two_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["train"]["processes"] == 2
-    assert manifest["stats"]["params"] <= 0.5 * sum(p.numel() for p in dense.parameters())
+    assert manifest["pruning"]["compact"]["nonzeros"] <= 0.5 * sum(p.numel() for p in dense.parameters())

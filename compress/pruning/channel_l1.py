@@ -20,6 +20,8 @@ accounting (`ChannelCost`) counts exactly what `compress.evaluate.model_stats` c
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,22 @@ class ChannelCost:
         if bad:
             raise ValueError(f"channel accounting does not reproduce the widths of {', '.join(bad)}")
         self.original = {"params": self.params(self.full), "macs": self.macs(self.full)}
+        self.sparse_layers: list[str] = []
+        self.sparsity = 0.0
+
+    def expect_weight_sparsity(self, layers: Iterable[str], sparsity: float) -> None:
+        """Budget parameters as non-zeros: `sparsity` of the weights of `layers` in the compact net will be zero
+        (FMP's weight half, one global cut over those layers). `original` stays the dense count; MACs are
+        unaffected (dense runtimes multiply the zeros too)."""
+        self.sparse_layers, self.sparsity = list(layers), float(sparsity)
+
+    def zeroed_weights(self, kept: dict[int, int]) -> int:
+        """How many weights the expected weight sparsity zeroes in the compact net (rounded up, as the cut is)."""
+        if not self.sparse_layers or self.sparsity <= 0:
+            return 0
+        widths = self.widths(kept)
+        total = sum(widths[n][0] * widths[n][1] * self.shape[n][0] for n in self.sparse_layers)
+        return math.ceil(self.sparsity * total - 1e-9)
 
     def _width(self, key: tuple[str, str], kept: dict[int, int]) -> int:
         fixed, terms = self.sides[key]
@@ -107,9 +125,10 @@ class ChannelCost:
         )
 
     def value(self, kept: dict[int, int], metric: str) -> int:
+        """What the budget counts: non-zero parameters (all of them, less the expected weight zeros) or MACs."""
         if metric not in METRICS:
             raise ValueError(f"budget metric must be one of {', '.join(METRICS)}, got {metric!r}")
-        return self.params(kept) if metric == "params" else self.macs(kept)
+        return self.params(kept) - self.zeroed_weights(kept) if metric == "params" else self.macs(kept)
 
     def fraction(self, kept: dict[int, int], metric: str) -> float:
         return self.value(kept, metric) / self.original[metric]
@@ -198,8 +217,9 @@ def budget_summary(cost: ChannelCost, keep: dict[int, torch.Tensor]) -> dict[str
     kept = kept_counts(keep)
     return {
         "original": dict(cost.original),
-        "compact": {"params": cost.params(kept), "macs": cost.macs(kept)},
-        "achieved_params_fraction": round(cost.fraction(kept, "params"), 6),
+        "compact": {"params": cost.params(kept), "nonzeros": cost.value(kept, "params"), "macs": cost.macs(kept)},
+        "achieved_params_fraction": round(cost.fraction(kept, "params"), 6),  # non-zeros
+        "achieved_dense_params_fraction": round(cost.params(kept) / cost.original["params"], 6),
         "achieved_macs_fraction": round(cost.fraction(kept, "macs"), 6),
         "kept_channels": {
             str(g): {"kept": kept[g], "size": cost.sizes[g], "producers": cost.producers[g]} for g in cost.searched
