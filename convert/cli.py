@@ -1,18 +1,34 @@
-"""`edgesr convert` / `python -m convert`: a checkpoint to TFLite and Core ML files, dense and sparse, verified.
+"""`edgesr convert` / `python -m convert`: a PyTorch SR model to TFLite and Core ML files, every precision, verified.
 
   python -m convert --checkpoint runs/pruned/model.pt --out runs/convert
-  python -m convert --checkpoint runs/pruned/model.pt --out runs/convert --formats tflite --tile 96 --name tiny80
+  python -m convert --checkpoint runs/pruned/model.pt --out runs/convert --precision fp32,fp16,int8,lut4
+  python -m convert --checkpoint edsr_baseline_x2-1bc95232.pt --out runs/edsr --formats tflite --tile 96
+  python -m convert --model mynets/sr.py:build --factory-args '{"scale": 2}' --weights sr.pth --out runs/mine
+  python -m convert --checkpoint model.pt2 --out runs/exported
 
-Writes into --out (created if its parent exists), per requested format:
-  dense.tflite, sparse.tflite        NHWC float32 (1, tile, tile, 3) -> (1, s*tile, s*tile, 3), values in [0, 1]
-  dense.mlpackage, sparse.mlpackage  Core ML ML Program, NCHW input "lr" (1, 3, tile, tile), fp32, iOS 16+
-  manifest.json                      sizes, sha256, conv weight counts, parity, tiling overlap; written last
-A sparse file in which no conv weight qualified (an unpruned model) is not written; the manifest lists it
-under "skipped".
-Each TFLite file is run in ai_edge_litert on a crop of a bundled photo and compared with torch (max abs error
-<= 1e-4); the sparse file must match the dense one bit for bit. Core ML output cannot be run on Linux; its
-saved weights are read back and checked instead. The files take one fixed tile size: the device runner tiles
-images with the recorded overlap (the model's receptive-field radius + 1).
+The model, one of:
+  --checkpoint FILE         an edgesr checkpoint (compress's model.pt), an EDSR-PyTorch state dict (the official
+                            release files; config inferred from the shapes), or a torch.export program (.pt2,
+                            torch.export.save); a .pt2 exported with a static input fixes --tile to its size
+  --model MODULE:FACTORY    a function returning an nn.Module, from an importable module or a .py file, called
+    --weights FILE          with --factory-args as keyword arguments; FILE is its state dict (torch.save; also
+    [--factory-args JSON]   {"state_dict": ...} or {"model": ...}), loaded with weights_only=True, strictly
+Every model must map (1, 3, H, W) float RGB in [0, 1] to (1, 3, sH, sW) and use only operators the converters
+and the Core ML reference executor handle (convolutions, elementwise arithmetic, ReLU/LeakyReLU/PReLU, concat,
+reshapes, pixel shuffle, nearest/bilinear upsampling); anything else is reported by operator and layer.
+
+Writes into --out (created if its parent exists), per format and precision (--precision, default fp32):
+  dense.tflite, sparse.tflite            fp32 TFLite, NHWC float32 (1, tile, tile, 3) -> (1, s*tile, s*tile, 3)
+  dense-<p>.tflite, sparse-<p>.tflite    p = fp16, int8-dynamic, int8 (float32 I/O in every variant)
+  dense.mlpackage, sparse.mlpackage      Core ML ML Program, NCHW input "lr" (1, 3, tile, tile), fp32
+  <enc>-<p>.mlpackage                    p = fp16, int8 (iOS 18, sparse + int8), lut1..lut8 (iOS 18, palettized)
+  manifest.json                          per artifact: size, sha256, conv weights, non-zeros, weight bytes vs
+                                         the bound, parity vs torch and what verified it; tool versions; last
+A precision a format cannot build (lutN for TFLite, int8-dynamic for Core ML) and a sparse file in which no conv
+weight qualified are listed under "skipped" in the manifest, not written.
+Every artifact is run (TFLite in ai_edge_litert, Core ML in edgesr's reference executor for ML programs) on a
+crop of a bundled photo and compared with torch against its precision's tolerance. The files take one fixed tile
+size: the device runner tiles images with the recorded overlap (the model's receptive-field radius + 1).
 
 Exit codes: 0 done, 1 a parity check failed (nothing written), 2 bad input (nothing written).
 """
@@ -28,24 +44,39 @@ from pathlib import Path
 from edgesr.errors import run_cli
 
 DEFAULT_FORMATS = "tflite,coreml"
+DEFAULT_PRECISIONS = "fp32"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgesr convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", type=Path, help="edgesr checkpoint (model.pt), EDSR-PyTorch .pt, or torch.export .pt2"
+    )
+    source.add_argument(
+        "--model", metavar="MODULE:FACTORY", help="factory returning an nn.Module (module name or path/to/file.py)"
+    )
+    parser.add_argument("--weights", type=Path, help="state dict file for --model (torch.save, weights only)")
     parser.add_argument(
-        "--checkpoint", type=Path, required=True, help="edgesr checkpoint (model.pt) or EDSR-PyTorch .pt"
+        "--factory-args", metavar="JSON", help="keyword arguments for the --model factory, e.g. '{\"scale\": 2}'"
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder; created if its parent exists")
     parser.add_argument(
         "--formats", default=DEFAULT_FORMATS, help=f"comma-separated: tflite, coreml (default {DEFAULT_FORMATS})"
     )
     parser.add_argument(
+        "--precision",
+        default=DEFAULT_PRECISIONS,
+        help="comma-separated: fp32, fp16, int8-dynamic, int8, lut1..lut8 (default fp32)",
+    )
+    parser.add_argument(
         "--tile",
         type=int,
-        default=128,
-        help="LR tile side in pixels the files take; must exceed 2 x overlap (default 128)",
+        default=None,
+        help="LR tile side in pixels the files take; must exceed 2 x overlap "
+        "(default 128, or the input size of a .pt2 exported with static shapes)",
     )
     parser.add_argument(
         "--sparse-min",
@@ -71,12 +102,21 @@ def _quiet_converters() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_converters()
-    from convert.pipeline import convert_checkpoint, parse_formats  # torch and friends load only past --help
+    # torch and the converters load only past --help
+    from convert.model_intake import ModelSpec, parse_factory_args
+    from convert.pipeline import convert_model, parse_formats, parse_precisions
 
-    convert_checkpoint(
-        args.checkpoint,
+    spec = ModelSpec(
+        checkpoint=args.checkpoint,
+        factory=args.model,
+        weights=args.weights,
+        factory_args=parse_factory_args(args.factory_args),
+    )
+    convert_model(
+        spec,
         args.out,
         formats=parse_formats(args.formats),
+        precisions=parse_precisions(args.precision),
         tile=args.tile,
         sparse_min=args.sparse_min,
         name=args.name,

@@ -1,8 +1,10 @@
-"""`convert_checkpoint`: one checkpoint in, the requested artifacts plus `manifest.json` out, all or nothing.
+"""`convert_model`: one model in, every requested format x precision plus `manifest.json` out, all or nothing.
 
-Order: load the checkpoint, measure the receptive field (the tiling overlap), check the tile, then build every
-artifact in a hidden staging folder inside the output folder, verify it, and only then move the artifacts into
-place and write the manifest last. Any error leaves the output folder as it was.
+Order: check the output folder, load and check the model (`convert.model_intake`: SR-shaped, supported
+operators), measure the receptive field (the tiling overlap), check the tile, then build every artifact in a
+hidden staging folder inside the output folder (TFLite: `convert.tflite_artifacts`, Core ML:
+`convert.coreml_artifacts`; each verifies its files' parity against torch on a real photo tile), and only then
+move the artifacts into place and write the manifest last. Any error leaves the output folder as it was.
 """
 
 from __future__ import annotations
@@ -11,39 +13,44 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from compress.checkpoint import load_checkpoint
-from convert import coreml, parity
+from convert import parity
+from convert.model_intake import IntakeModel, ModelSpec, load_model
 from convert.receptive_field import receptive_field_radius, tiling_overlap
-from convert.sparse_tflite import MIN_SPARSITY, conv_filter_stats, sparsify_tflite
-from convert.tflite import convert_tflite
-from edgesr.errors import BadInput, CheckFailed
-from edgesr.manifest import MANIFEST_NAME, atomic_output, new_manifest, sha256, size_bytes, versions, write_json
+from convert.sparse_tflite import MIN_SPARSITY
+from edgesr.errors import BadInput
+from edgesr.manifest import MANIFEST_NAME, new_manifest, sha256, size_bytes, versions, write_json
 
 log = logging.getLogger("convert")
 
 FORMATS = ("tflite", "coreml")
-TFLITE_SPARSE_NOTE = (
-    "sparse conv weights shrink the file only: DENSIFY restores dense fp32 weights when the model loads, "
-    "so peak memory and latency are those of the dense file"
-)
-COREML_NOTE = (
-    "output not verified: Core ML prediction needs macOS; the saved program was read back on Linux "
-    "and its conv weights checked"
-)
+# One precision vocabulary for both formats (lutN = N-bit palettized weights, Core ML only). A format that
+# cannot build a requested precision lists it under the manifest's "skipped"; that is not an error.
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8", *(f"lut{n}" for n in range(1, 9)))
+DEFAULT_PRECISIONS = ("fp32",)
+DEFAULT_TILE = 128
+CALIBRATION_PATCHES = 16
+# Why a format has no variant for a precision, for the manifest's "skipped" entries.
+_NO_VARIANT = {
+    ("tflite", "lut"): "TFLite has no palettized (n-bit look-up table) weights",
+    ("coreml", "int8-dynamic"): "Core ML has no dynamic-range (activation) quantization; int8 gives int8 weights",
+}
+ARTIFACT_KEYS = ("file", "format", "encoding", "precision", "size_bytes", "sha256", "weights", "parity")
+WEIGHT_KEYS = ("conv_weights", "nonzeros", "sparse_tensors", "weight_bytes", "bound_bytes")
 
 
 @dataclass(frozen=True)
 class ConvertConfig:
     formats: tuple[str, ...] = FORMATS
-    tile: int = 128  # LR tile side in pixels; the files take exactly (1, tile, tile, 3)
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
+    tile: int | None = None  # LR tile side in pixels the files take; None: DEFAULT_TILE or a static .pt2's size
     sparse_min: float = MIN_SPARSITY  # encode a conv's weights sparse when at least this fraction is zero
     name: str | None = None  # model name for report rows
 
@@ -51,70 +58,92 @@ class ConvertConfig:
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise BadInput(f"unknown format '{unknown[0] if unknown else ''}'; known: {', '.join(FORMATS)}")
-        if self.tile < 1:
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            raise BadInput(f"unknown precision '{unknown[0] if unknown else ''}'; known: {', '.join(PRECISIONS)}")
+        if self.tile is not None and self.tile < 1:
             raise BadInput(f"tile must be a positive number of pixels, got {self.tile}")
         if not 0.0 <= self.sparse_min <= 1.0:
             raise BadInput(f"sparse-min must be in [0, 1], got {self.sparse_min}")
 
 
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
+
+
 def parse_formats(text: str) -> tuple[str, ...]:
     """'tflite,coreml' -> ('tflite', 'coreml'); unknown names are BadInput."""
-    formats = tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
+    formats = _parse_list(text)
     ConvertConfig(formats=formats)  # validates
     return formats
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    """'fp32,int8' -> ('fp32', 'int8'); unknown names are BadInput."""
+    precisions = _parse_list(text)
+    ConvertConfig(precisions=precisions)  # validates
+    return precisions
 
 
 def convert_checkpoint(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
-    formats: tuple[str, ...] | list[str] = FORMATS,
-    tile: int = 128,
+    formats: Iterable[str] = FORMATS,
+    tile: int | None = DEFAULT_TILE,
+    sparse_min: float = MIN_SPARSITY,
+    name: str | None = None,
+    precisions: Iterable[str] = DEFAULT_PRECISIONS,
+) -> dict[str, Any]:
+    """Convert an edgesr checkpoint, an EDSR-PyTorch state dict or a .pt2 into `out_dir`; returns the manifest."""
+    spec = ModelSpec(checkpoint=Path(checkpoint))
+    return convert_model(spec, out_dir, formats, precisions, tile, sparse_min, name)
+
+
+def convert_model(
+    spec: ModelSpec,
+    out_dir: str | os.PathLike,
+    formats: Iterable[str] = FORMATS,
+    precisions: Iterable[str] = DEFAULT_PRECISIONS,
+    tile: int | None = None,
     sparse_min: float = MIN_SPARSITY,
     name: str | None = None,
 ) -> dict[str, Any]:
-    """Convert an edgesr checkpoint into `out_dir`; returns the manifest it wrote."""
-    cfg = ConvertConfig(tuple(formats), tile, sparse_min, name)
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    """Convert the model `spec` names into `out_dir`, every format x precision; returns the manifest it wrote."""
+    cfg = ConvertConfig(tuple(formats), tuple(precisions), tile, sparse_min, name)
+    out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    model, source = load_checkpoint(checkpoint)
-    radius = receptive_field_radius(model)
+    intake = load_model(spec)
+    tile = _tile(cfg, intake, spec)
+    model = intake.model
+    log.info("%s: x%d SR model, %d kinds of operators, all supported", spec.origin, intake.scale, len(intake.ops))
+    # A static .pt2 runs at its own size only: probe the receptive field there.
+    probe = {"start": tile, "limit": tile} if intake.input_size else {}
+    radius = receptive_field_radius(model, **probe)
     overlap = tiling_overlap(radius)
-    if cfg.tile <= 2 * overlap:
+    if tile <= 2 * overlap:
         raise BadInput(
-            f"tile {cfg.tile} must be larger than 2 x overlap = {2 * overlap} "
+            f"tile {tile} must be larger than 2 x overlap = {2 * overlap} "
             f"(overlap = receptive-field radius {radius} + {overlap - radius})"
         )
-    scale = _model_scale(model)
     created = _make_out_dir(out_dir)
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".convert-"))
     try:
-        x = parity.parity_tile(cfg.tile, scale)
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".convert-"))
+    except OSError as exc:
+        if created:
+            out_dir.rmdir()
+        raise BadInput(f"{out_dir}: cannot write into the output folder ({exc.strerror or exc})") from None
+    try:
+        x = parity.parity_tile(tile, intake.scale)
         reference = parity.torch_output(model, x)
-        artifacts: list[dict[str, Any]] = []
-        if "tflite" in cfg.formats:
-            artifacts += _tflite_artifacts(model, staging, cfg, x, reference)
-        if "coreml" in cfg.formats:
-            artifacts += _coreml_artifacts(model, staging, cfg, scale)
-        # A sparse artifact in which nothing was encoded sparse would only duplicate the dense one.
-        skipped = [
-            {"file": a["file"], "reason": f"no conv weight tensor with >= {cfg.sparse_min:.0%} zeros worth encoding"}
-            for a in artifacts
-            if a["encoding"] == "sparse" and a["weights"]["sparse_tensors"] == 0
-        ]
-        for s in skipped:
-            log.info("%s not written: %s", s["file"], s["reason"])
-        artifacts = [a for a in artifacts if a["file"] not in {s["file"] for s in skipped}]
+        artifacts, skipped = _build_all(model, staging, cfg, tile, intake.scale, x, reference)
+        for a in artifacts:  # the files as published: sizes and digests measured here, once, for every format
+            a.update(size_bytes=size_bytes(staging / a["file"]), sha256=sha256(staging / a["file"]))
         manifest = new_manifest(
             "convert",
-            model=cfg.name or source.get("name") or checkpoint.stem,
-            source={
-                "checkpoint": str(checkpoint),
-                "sha256": sha256(checkpoint),
-                "psnr_y_db": source.get("psnr_y_db"),
-                "test_set": _test_set_name(source.get("test_set")),
-            },
-            scale=scale,
-            tile={"height": cfg.tile, "width": cfg.tile, "overlap": overlap, "receptive_field_radius": radius},
+            model=cfg.name or intake.name,
+            source=intake.source,
+            scale=intake.scale,
+            tile={"height": tile, "width": tile, "overlap": overlap, "receptive_field_radius": radius},
             io={
                 "layout": "NHWC",
                 "dtype": "float32",
@@ -122,9 +151,12 @@ def convert_checkpoint(
                 "input_shape": list(x.shape),
                 "output_shape": list(reference.shape),
             },
+            formats=list(cfg.formats),
+            precisions=list(cfg.precisions),
+            ops=intake.ops,
             artifacts=artifacts,
             skipped=skipped,
-            versions=versions("torch", "litert-torch", "ai-edge-litert", "coremltools"),
+            versions=versions("torch", "litert-torch", "ai-edge-litert", "coremltools", "scikit-learn", "numpy"),
         )
         _publish(staging, out_dir, [a["file"] for a in artifacts], manifest)
     except BaseException:
@@ -133,20 +165,85 @@ def convert_checkpoint(
             out_dir.rmdir()
         raise
     shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s with %d artifacts", out_dir / MANIFEST_NAME, len(artifacts))
+    log.info("wrote %s: %d artifacts, %d skipped", out_dir / MANIFEST_NAME, len(artifacts), len(skipped))
     return manifest
 
 
-def _model_scale(model: nn.Module) -> int:
-    with torch.no_grad():
-        out = model.eval()(torch.zeros(1, 3, 8, 8))
-    return int(out.shape[-1] // 8)
+def _tile(cfg: ConvertConfig, intake: IntakeModel, spec: ModelSpec) -> int:
+    """The tile side: as asked, else DEFAULT_TILE; a static .pt2 fixes it to the size it was exported for."""
+    if intake.input_size is None:
+        return cfg.tile or DEFAULT_TILE
+    if cfg.tile not in (None, intake.input_size):
+        raise BadInput(
+            f"{spec.origin}: exported for a {intake.input_size}x{intake.input_size} input, so the tile must be "
+            f"{intake.input_size}, not {cfg.tile} (or export it with dynamic H and W)"
+        )
+    return intake.input_size
 
 
-def _test_set_name(test_set: Any) -> str | None:
-    if isinstance(test_set, dict):
-        return test_set.get("name")
-    return test_set if isinstance(test_set, str) else None
+Builder = Callable[[str], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+
+
+def _builders(
+    model: nn.Module, staging: Path, cfg: ConvertConfig, tile: int, scale: int, x: np.ndarray, reference: np.ndarray
+) -> dict[str, tuple[tuple[str, ...], Builder]]:
+    """Per requested format: the precisions it builds and a function building one precision's artifacts."""
+    out: dict[str, tuple[tuple[str, ...], Builder]] = {}
+    if "tflite" in cfg.formats:
+        from convert.calibration import calibration_patches
+        from convert.tflite_artifacts import TFLITE_PRECISIONS, tflite_artifacts
+
+        calibration: np.ndarray | None = None
+
+        def tflite(precision: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            nonlocal calibration
+            if calibration is None:
+                calibration = calibration_patches(tile, count=CALIBRATION_PATCHES, seed=0)
+            return tflite_artifacts(model, staging, precision, tile, cfg.sparse_min, x, reference, calibration)
+
+        out["tflite"] = (tuple(TFLITE_PRECISIONS), tflite)
+    if "coreml" in cfg.formats:
+        from convert.coreml_artifacts import COREML_PRECISIONS, coreml_artifacts
+
+        def coreml(precision: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            return coreml_artifacts(model, staging, precision, tile, cfg.sparse_min, x, reference, scale)
+
+        out["coreml"] = (tuple(COREML_PRECISIONS), coreml)
+    return out
+
+
+def _build_all(
+    model: nn.Module, staging: Path, cfg: ConvertConfig, tile: int, scale: int, x: np.ndarray, reference: np.ndarray
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every format x precision into `staging`: (artifacts, skipped), format by format in FORMATS order."""
+    artifacts: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for fmt, (supported, build) in _builders(model, staging, cfg, tile, scale, x, reference).items():
+        for precision in cfg.precisions:
+            if precision not in supported:
+                reason = _NO_VARIANT.get((fmt, precision.rstrip("0123456789")), f"{fmt} has no {precision} variant")
+                skipped.append({"format": fmt, "precision": precision, "reason": reason})
+                log.info("%s %s: skipped, %s", fmt, precision, reason)
+                continue
+            built, not_built = build(precision)
+            artifacts += built
+            skipped += not_built
+            for s in not_built:
+                log.info("%s not written: %s", s.get("file", f"{fmt} {precision}"), s.get("reason"))
+    for a in artifacts:
+        _check_entry(a, staging)
+    files = [a["file"] for a in artifacts]
+    if len(set(files)) != len(files):
+        raise RuntimeError(f"two artifacts share a file name: {files}")
+    return artifacts, skipped
+
+
+def _check_entry(a: dict[str, Any], staging: Path) -> None:
+    """Every manifest entry carries what the manifest promises (the format builders' contract)."""
+    missing = [k for k in ARTIFACT_KEYS if k not in a and k not in ("size_bytes", "sha256")]
+    missing += [f"weights.{k}" for k in WEIGHT_KEYS if k not in (a.get("weights") or {})]
+    if missing or not (staging / a.get("file", "")).exists():
+        raise RuntimeError(f"artifact entry {a.get('file')!r} is incomplete or its file is missing: {missing}")
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -182,95 +279,3 @@ def _publish(staging: Path, out_dir: Path, files: list[str], manifest: dict[str,
             shutil.rmtree(dst)
         os.replace(staging / name, dst)
     write_json(out_dir / MANIFEST_NAME, manifest)
-
-
-def _weights(conv_weights: int, nonzeros: int, sparse_tensors: int) -> dict[str, int]:
-    return {
-        "conv_weights": conv_weights,
-        "nonzeros": nonzeros,
-        "sparse_tensors": sparse_tensors,
-        "bound_bytes": parity.bound_bytes(conv_weights, nonzeros),
-    }
-
-
-def _artifact(path: Path, fmt: str, encoding: str) -> dict[str, Any]:
-    return {
-        "file": path.name,
-        "format": fmt,
-        "encoding": encoding,
-        "precision": "fp32",
-        "size_bytes": size_bytes(path),
-        "sha256": sha256(path),
-    }
-
-
-def _tflite_artifacts(
-    model: nn.Module, staging: Path, cfg: ConvertConfig, x: np.ndarray, reference: np.ndarray
-) -> list[dict[str, Any]]:
-    dense_path = convert_tflite(model, staging / "dense.tflite", cfg.tile)
-    dense_bytes = dense_path.read_bytes()
-    sparse_bytes, sparse_stats = sparsify_tflite(dense_bytes, cfg.sparse_min)
-    sparse_path = staging / "sparse.tflite"
-    with atomic_output(sparse_path) as tmp:
-        tmp.write_bytes(sparse_bytes)
-    dense_stats = conv_filter_stats(dense_bytes)
-    dense_parity, dense_out = parity.check_tflite(dense_path, reference, x)
-    sparse_parity, _ = parity.check_tflite(sparse_path, reference, x, dense_output=dense_out)
-    dense = _artifact(dense_path, "tflite", "dense")
-    dense.update(weights=_weights(dense_stats.conv_weights, dense_stats.nonzeros, 0), parity=dense_parity)
-    sparse = _artifact(sparse_path, "tflite", "sparse")
-    sparse.update(
-        weights=_weights(sparse_stats.conv_weights, sparse_stats.nonzeros, sparse_stats.sparse_tensors),
-        parity=sparse_parity,
-        min_sparsity=cfg.sparse_min,
-        note=TFLITE_SPARSE_NOTE,
-    )
-    for a in (dense, sparse):
-        log.info(
-            "%s: %d bytes, %d of %d conv weights non-zero, %d sparse filters",
-            a["file"],
-            a["size_bytes"],
-            a["weights"]["nonzeros"],
-            a["weights"]["conv_weights"],
-            a["weights"]["sparse_tensors"],
-        )
-    return [dense, sparse]
-
-
-def _coreml_artifacts(model: nn.Module, staging: Path, cfg: ConvertConfig, scale: int) -> list[dict[str, Any]]:
-    dense_model = coreml.convert_coreml(model, cfg.tile)
-    dense_path = coreml.save_mlpackage(dense_model, staging / "dense.mlpackage")
-    sparse_path = coreml.save_mlpackage(
-        coreml.sparsify_coreml(dense_model, cfg.sparse_min), staging / "sparse.mlpackage"
-    )
-    if not coreml.same_weights(coreml.read_conv_weights(sparse_path), coreml.read_conv_weights(dense_path)):
-        raise CheckFailed("sparse.mlpackage: its conv weights differ from dense.mlpackage's after sparse encoding")
-    io = {
-        "layout": "NCHW",
-        "input_name": coreml.INPUT_NAME,
-        "output_name": coreml.OUTPUT_NAME,
-        "input_shape": [1, 3, cfg.tile, cfg.tile],
-        "output_shape": [1, 3, scale * cfg.tile, scale * cfg.tile],
-    }
-    out = []
-    for path, encoding in ((dense_path, "dense"), (sparse_path, "sparse")):
-        stats = coreml.mlpackage_stats(path)
-        a = _artifact(path, "coreml", encoding)
-        a.update(
-            weight_bin_bytes=stats.weight_bin_bytes,
-            weights=_weights(stats.conv_weights, stats.nonzeros, stats.sparse_tensors),
-            parity=None,
-            note=COREML_NOTE,
-            io=io,
-        )
-        if encoding == "sparse":
-            a["min_sparsity"] = cfg.sparse_min
-        log.info(
-            "%s: %d bytes (weight.bin %d), %d sparse conv weights",
-            a["file"],
-            a["size_bytes"],
-            stats.weight_bin_bytes,
-            stats.sparse_tensors,
-        )
-        out.append(a)
-    return out

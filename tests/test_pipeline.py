@@ -83,7 +83,7 @@ def test_sparse_files_are_a_third_of_dense_at_80_percent(pipeline):
     assert arts["sparse.tflite"]["size_bytes"] <= 0.35 * arts["dense.tflite"]["size_bytes"]
     assert arts["sparse.mlpackage"]["weight_bin_bytes"] <= 0.35 * arts["dense.mlpackage"]["weight_bin_bytes"]
     assert arts["sparse.tflite"]["parity"]["bit_identical_to_dense"] is True
-    assert arts["dense.tflite"]["parity"]["max_abs_err"] <= 1e-4
+    assert arts["dense.tflite"]["parity"]["max_abs_error"] <= 1e-4
     assert row(pipeline, "sparse")["size_bytes"] == arts["sparse.tflite"]["size_bytes"]
 
 
