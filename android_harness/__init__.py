@@ -1,6 +1,8 @@
 """android_harness: drive LiteRT's `benchmark_model` on a phone over adb.
 
-Today: building the benchmark_model command line and parsing both of its output formats
-(`benchmark_output`). The adb transport (push, taskset, run, pull) arrives behind device_bench's target
-interface in a later issue.
+- `adb`: a thin driver around the real `adb` binary (devices, connect, serial selection, push, pull, shell with
+  exit codes and separate stderr, timeouts, offline devices);
+- `benchmark_output`: the benchmark_model command line, and a parser for both of its output formats;
+- `engine`: a device_bench job run with benchmark_model (per-tile raw inputs and outputs, stitched on the host).
+device_bench/adb_target.py puts these behind device_bench's Target interface (`type: adb` in a targets file).
 """

@@ -139,6 +139,10 @@ class BenchmarkCommand:
     input_file: str | None = None
     output_filepath: str | None = None
     report_peak_memory: bool = True
+    # The tool keeps running until both num_runs and min_secs are reached (defaults 1 s, warm-up 0.5 s); an
+    # output-only run of one tile sets them to 0 so it runs exactly once.
+    min_secs: float | None = None
+    warmup_min_secs: float | None = None
 
     def __post_init__(self) -> None:
         if self.delegate not in ("xnnpack", "gpu", "nnapi", "none"):
@@ -157,6 +161,10 @@ class BenchmarkCommand:
             f"--num_runs={self.num_runs}",
             f"--warmup_runs={self.warmup_runs}",
         ]
+        if self.min_secs is not None:
+            cmd.append(f"--min_secs={self.min_secs:g}")
+        if self.warmup_min_secs is not None:
+            cmd.append(f"--warmup_min_secs={self.warmup_min_secs:g}")
         # An explicit --use_xnnpack switches the tool to the resolver without default delegates.
         cmd += {
             "xnnpack": ["--use_xnnpack=true"],

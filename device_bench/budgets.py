@@ -91,15 +91,32 @@ def check(budgets: Budgets, target: str, row: dict[str, Any]) -> dict[str, dict[
     """{budget key: {limit, value, pass, margin, unit}} for one report row on one target.
 
     `margin` is the headroom in the budget's unit: limit - value for a max, value - limit for a min; negative
-    means the budget failed by that much. A value the row lacks fails its budget (value None)."""
+    means the budget failed by that much. `delta` is value - limit and `delta_pct` the same in % of the limit (None
+    for a zero limit), whatever the budget's direction. A value the row lacks fails its budget (value None)."""
     verdicts = {}
     for key, limit in budgets.for_target(target).items():
         row_field, factor, kind, unit = BUDGETS[key]
         raw = row.get(row_field)
         if raw is None:
-            verdicts[key] = {"limit": limit, "value": None, "pass": False, "margin": None, "unit": unit}
+            verdicts[key] = {
+                "limit": limit,
+                "value": None,
+                "pass": False,
+                "margin": None,
+                "delta": None,
+                "delta_pct": None,
+                "unit": unit,
+            }
             continue
         value = float(raw) * factor
         margin = limit - value if kind == "max" else value - limit
-        verdicts[key] = {"limit": limit, "value": value, "pass": margin >= 0, "margin": margin, "unit": unit}
+        verdicts[key] = {
+            "limit": limit,
+            "value": value,
+            "pass": margin >= 0,
+            "margin": margin,
+            "delta": value - limit,
+            "delta_pct": (value - limit) / limit * 100 if limit else None,
+            "unit": unit,
+        }
     return verdicts

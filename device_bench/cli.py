@@ -12,8 +12,15 @@ artifacts are skipped: they cannot run on Linux.
 The local target runs device_bench/runner.py in a separate process with the device Python (only a TFLite runtime
 and numpy): --device-python, else $EDGESR_DEVICE_PYTHON, else <repo>/.venv-device/bin/python.
 
-Writes <out>/report.json, <out>/report.md, <out>/psnr_vs_size.png and one job folder per (target, artifact)
-under <out>/jobs/. Exit codes: 0 all budgets pass; 1 a budget fails; 2 bad usage or input; 3 a target failed.
+Several targets run at once (`--targets local,pi,phone`; remote targets come from --targets-file), each in its
+own thread; a target that fails (unreachable, killed, timed out, dropped) is reported with its reason while the
+others finish. Every finished measurement is appended to <out>/results.jsonl as it arrives; re-running the same
+command resumes from it (skips measurements with the same target, artifact sha256 and settings) unless --fresh.
+
+Writes <out>/results.jsonl, <out>/report.json, <out>/report.md, three Pareto plots (psnr_vs_size.png,
+psnr_vs_peak_rss.png, psnr_vs_latency.png) and one job folder per (target, artifact) under <out>/jobs/.
+Exit codes: 0 all budgets pass; 1 a budget fails; 2 bad usage or input; 3 a target failed (the report is still
+written, listing the failed target and its reason).
 """
 
 from __future__ import annotations
@@ -47,13 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="run artifacts on targets, score them, check budgets, write the report",
-        description="Run TFLite artifacts on targets, score their SR outputs on the host, check budgets, write "
-        "<out>/report.json, report.md and psnr_vs_size.png. Exit codes: 0 all budgets pass; 1 a budget fails; "
-        "2 bad usage or input; 3 a target failed.",
+        description="Run TFLite artifacts on targets (concurrently, one thread per device), score their SR outputs "
+        "on the host, check budgets, append each measurement to <out>/results.jsonl, write <out>/report.json, "
+        "report.md and three Pareto plots. Re-running resumes from results.jsonl unless --fresh. Exit codes: 0 all "
+        "budgets pass; 1 a budget fails; 2 bad usage or input; 3 a target failed.",
     )
     b.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT", help=".tflite, convert folder or manifest")
     b.add_argument("--out", type=Path, required=True, help="output folder for report.json/.md/.png and jobs/")
-    b.add_argument("--targets", default="local", help=f"comma-separated targets: {', '.join(TARGET_KINDS)}")
+    b.add_argument(
+        "--targets",
+        default="local",
+        help=f"comma-separated targets: {', '.join(TARGET_KINDS)} or names from --targets-file (default local)",
+    )
+    b.add_argument(
+        "--targets-file",
+        type=Path,
+        help="YAML naming the remote targets (ssh, adb): host, port, user, identity, python, runtime, ...",
+    )
     b.add_argument("--budgets", type=Path, help="budgets YAML (see device_bench/budgets.example.yaml); none: all pass")
     b.add_argument("--test-set", default="sporco", help="bundled test set (sporco, butterfly) or a folder of HR images")
     b.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1; -1: runtime default)")
@@ -68,11 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--runtime", default="auto", choices=["auto", *RUNTIMES], help="TFLite interpreter (default auto)")
     b.add_argument("--save-images", action="store_true", help="also save the SR images as PNG under <out>/images/")
+    b.add_argument(
+        "--fresh",
+        "--no-resume",
+        dest="fresh",
+        action="store_true",
+        help="measure everything again instead of resuming from <out>/results.jsonl (which is replaced)",
+    )
     r = sub.add_parser(
         "report",
-        help="re-render report.md and the plot from an existing report.json",
-        description="Re-render <folder>/report.md and the plot from report.json (with --budgets: re-check the "
-        "recorded rows first and update report.json). Exits with the report's verdict: 0 pass, 1 a budget fails.",
+        help="re-render report.md and the plots from an existing report.json",
+        description="Re-render <folder>/report.md and the plots from report.json (with --budgets: re-check the "
+        "recorded rows first and update report.json). Exits with the report's verdict: 0 pass, 1 a budget fails, "
+        "3 a target failed in the recorded run.",
     )
     r.add_argument("folder", type=Path, help="a bench --out folder holding report.json")
     r.add_argument("--budgets", type=Path, help="re-check the recorded rows against this budgets YAML")
@@ -83,12 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
         report = render(args.folder, args.budgets)
-        log.info("wrote %s (%s)", args.folder / "report.md", "PASS" if report["passed"] else "budgets FAIL")
+        log.info("wrote %s (%s)", args.folder / "report.md", "PASS" if report["passed"] else "FAIL")
         return report["exit_code"]
     cfg = BenchConfig(
         artifacts=tuple(args.artifacts),
         out=args.out,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        targets_file=args.targets_file,
         budgets=args.budgets,
         test_set=args.test_set,
         threads=args.threads,
@@ -99,9 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         overlap=args.overlap,
         runtime=args.runtime,
         save_images=args.save_images,
+        fresh=args.fresh,
     )
     report = run_bench(cfg)
-    log.info("wrote %s: %s", args.out / "report.md", "all budgets pass" if report["passed"] else "budgets FAIL")
+    log.info("wrote %s: %s", args.out / "report.md", "all budgets pass" if report["passed"] else "FAIL")
+    for f in report["failed_targets"]:  # one line per failed target, the way run_cli reports an error
+        log.error("error: %s", f["reason"])
     for f in report["failed_budgets"]:
         log.info(
             "  FAIL %s %s on %s: %s %.3f vs limit %.3f",

@@ -4,11 +4,13 @@ Copy it to the device next to a job folder and run it with the device's Python:
 
   python runner.py --job JOB/job.json           # run a benchmark job, write JOB/<out_dir>/result.json
   python runner.py --describe model.tflite      # print the model's input/output shapes and the runtime as JSON
+  python runner.py --job JOB --stop-after load  # (internal) run up to a phase's end, print its memory as JSON
 
 A job is files only (so a local subprocess, ssh and adb all work the same way):
   job.json  {"runner_version": 1, "model": "model.tflite",
              "inputs": [{"name": "kodim23", "path": "inputs/kodim23.npy"}], "out_dir": "out",
-             "tile": [64, 64], "overlap": 14, "scale": 2, "threads": 1, "warmup": 3, "runs": 20, "runtime": "auto"}
+             "tile": [64, 64], "overlap": 14, "scale": 2, "threads": 1, "warmup": 3, "runs": 20, "runtime": "auto",
+             "runtime_requirements": {"xnnpack": false}, "memory_phases": "auto"}   (the last two optional)
   Relative paths are relative to the folder holding job.json. Inputs are LR images, float32 HxWx3 in [0, 1].
   The runner writes <out_dir>/<name>.npy (float32 HxWx3, the model's unclipped output) and <out_dir>/result.json.
 
@@ -22,8 +24,21 @@ whole-image inference.
 Timing: `load_ms` = Interpreter construction + allocate_tensors; `first_inference_ms` = the first invoke (one tile);
 then `warmup` untimed and `runs` timed invokes of that same tile give the latency samples; finally every image is
 run through the tiler and timed as a whole (tile copies and stitching included).
-Memory: VmHWM/VmRSS/RssAnon/RssFile from /proc/self/status after import, after load, after the first inference and
-at the end; `peak_rss_mb` is the final VmHWM (the whole process: Python, numpy, runtime, model, arena, buffers).
+
+Memory, per phase, from /proc/self/status: VmHWM (peak resident set), VmRSS, RssAnon (anonymous: heap, arena,
+packed/densified weights) and RssFile (file-backed: the mmap'd model pages touched, shared libraries). Phases:
+`load` (Interpreter + allocate_tensors), `first_inference`, `steady` (the warm-up and timed invokes), plus
+`baseline` (interpreter start + imports) and `images` (the whole images through the tiler). Where the kernel allows
+it (Linux >= 4.0), writing "5" to /proc/self/clear_refs resets VmHWM to VmRSS at the start of each phase, so a
+phase's `hwm_mb` is that phase's own peak; the runner checks that the reset really works before relying on it.
+Elsewhere each phase is measured in its own process that stops at the end of that phase ("process per phase"): its
+`hwm_mb` is then the peak from process start through that phase. `peak_rss_mb` is always the whole run's peak.
+The job field `memory_phases` ("auto", "clear_refs", "process") forces a method.
+
+Delegates: the runtime's default op resolver applies XNNPACK on CPU. A job with `runtime_requirements:
+{"xnnpack": false}` (from the convert manifest, for files XNNPACK cannot prepare) builds the interpreter with
+BUILTIN_WITHOUT_DEFAULT_DELEGATES instead. The result's `delegate` says which, and whether the runtime logged
+creating the XNNPACK delegate.
 
 Exit status: 0 done; 2 the model or job is unusable ("invalid-model", "unsupported-model", "bad-job");
 3 no TFLite runtime found; 1 anything else. Errors are one line on stderr: `runner error [<kind>]: <message>`.
@@ -87,7 +102,103 @@ def memory_snapshot() -> dict[str, float]:
 
 
 def memory_source() -> str:
-    return "/proc/self/status" if Path("/proc/self/status").exists() else "getrusage(ru_maxrss)"
+    if Path("/proc/self/status").exists():
+        return "/proc/self/status VmHWM, VmRSS, RssAnon, RssFile"
+    return "getrusage(RUSAGE_SELF).ru_maxrss (peak only)"
+
+
+def reset_peak() -> None:
+    """Reset this process's VmHWM to its current VmRSS (Linux >= 4.0); OSError where the kernel refuses."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_reset_works() -> bool:
+    """Whether resetting VmHWM really works here: raise the peak with a touched-then-unmapped 16 MiB buffer,
+    reset, and check that VmHWM fell back to VmRSS (a kernel may accept the write and ignore it)."""
+    import mmap
+
+    size = 16 << 20
+    try:
+        buf = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            buf[offset] = 1
+        buf.close()
+        raised = memory_snapshot()
+        if raised.get("VmHWM", 0.0) - raised.get("VmRSS", 0.0) < 8.0:  # the peak did not visibly rise: unprovable
+            return False
+        reset_peak()
+    except (OSError, ValueError):
+        return False
+    after = memory_snapshot()
+    return after["VmHWM"] - after["VmRSS"] < 1.0
+
+
+def _phase_figures(snap: dict[str, float]) -> dict[str, float | None]:
+    return {
+        "hwm_mb": snap.get("VmHWM"),
+        "rss_mb": snap.get("VmRSS"),
+        "rss_anon_mb": snap.get("RssAnon"),
+        "rss_file_mb": snap.get("RssFile"),
+    }
+
+
+class PhaseMeter:
+    """Memory per phase. With `reset`, VmHWM is reset at each phase start so every phase's peak is its own;
+    otherwise a phase's VmHWM is the peak from process start through that phase's end."""
+
+    def __init__(self, reset: bool) -> None:
+        self.reset = reset
+        self.phases: dict[str, dict[str, float | None]] = {}
+
+    def start(self) -> None:
+        if self.reset:
+            reset_peak()
+
+    def end(self, phase: str) -> dict[str, float | None]:
+        self.phases[phase] = _phase_figures(memory_snapshot())
+        return self.phases[phase]
+
+    def peak(self) -> float | None:
+        """The whole run's peak: the largest phase peak (the phases cover the run back to back)."""
+        peaks = [p["hwm_mb"] for p in self.phases.values() if p["hwm_mb"] is not None]
+        return max(peaks) if peaks else None
+
+
+MEMORY_METHODS = {"clear_refs": "clear_refs reset", "process": "process per phase"}
+PHASES = ("load", "first_inference", "steady")
+
+
+def choose_memory_method(requested: str) -> str:
+    """'clear_refs' where the VmHWM reset is proven to work (or 'process' if asked or it is not). The proof runs
+    in a child process, so its 16 MiB probe cannot inflate this process's peak where the reset does not work."""
+    import subprocess
+
+    if requested == "process":
+        return "process"
+    probe = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--check-peak-reset"], capture_output=True, text=True
+    )
+    if probe.returncode == 0 and probe.stdout.strip() == "true":
+        return "clear_refs"
+    if requested == "clear_refs":
+        raise RunnerError("no-peak-reset", "memory_phases 'clear_refs' asked for, but VmHWM cannot be reset here")
+    return "process"
+
+
+def measure_phase_in_own_process(job_path: Path, runtime_choice: str | None, phase: str) -> dict[str, Any]:
+    """Run this file again on the same job, stopping at the end of `phase`; its memory figures at that point."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--job", str(job_path), "--stop-after", phase]
+    if runtime_choice:
+        cmd += ["--runtime", runtime_choice]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        detail = lines[-1] if lines else f"exit {proc.returncode}"
+        raise RunnerError("failed", f"the {phase} phase process failed: {detail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
@@ -125,20 +236,58 @@ def load_runtime(choice: str) -> tuple[dict[str, str], Any]:
     raise RunnerError("no-runtime", f"no TFLite runtime importable; tried {', '.join(tried)}", EXIT_NO_RUNTIME)
 
 
-def open_model(interpreter_cls: Any, model: Path, threads: int) -> Any:
-    """Build the interpreter and allocate its tensors, classifying a file that is not a TFLite model."""
+def open_model(interpreter_cls: Any, model: Path, threads: int, xnnpack: bool = True) -> Any:
+    """Build the interpreter and allocate its tensors, classifying a file that is not a TFLite model.
+
+    `xnnpack=False` builds it without the runtime's default delegates (BUILTIN_WITHOUT_DEFAULT_DELEGATES)."""
     if not model.is_file():
         raise invalid("invalid-model", f"{model}: no such model file")
     with open(model, "rb") as fh:
         head = fh.read(8)
     if len(head) < 8 or head[4:8] != b"TFL3":
         raise invalid("invalid-model", f"{model}: not a valid TFLite model (no TFL3 file identifier)")
+    kwargs: dict[str, Any] = {"model_path": str(model), "num_threads": None if threads < 1 else threads}
+    if not xnnpack:
+        resolver = getattr(sys.modules[interpreter_cls.__module__], "OpResolverType", None)
+        if resolver is None:
+            raise RunnerError("no-runtime", "this runtime cannot turn off its default delegates (no OpResolverType)")
+        kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     try:
-        interp = interpreter_cls(model_path=str(model), num_threads=None if threads < 1 else threads)
+        interp = interpreter_cls(**kwargs)
     except ValueError as exc:  # the runtime's flatbuffer verifier rejects truncated or corrupt files this way
         raise invalid("invalid-model", f"{model}: not a valid TFLite model ({_one_line(exc)})") from None
     interp.allocate_tensors()
     return interp
+
+
+def open_model_logged(interpreter_cls: Any, model: Path, threads: int, xnnpack: bool) -> tuple[Any, dict[str, Any]]:
+    """open_model, also reading what the runtime logs on stderr meanwhile (passed on) to record the delegate."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            interp = open_model(interpreter_cls, model, threads, xnnpack)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+            sys.stderr.write(text)
+    logged = [line.strip() for line in text.splitlines() if "XNNPACK" in line]
+    if not xnnpack:
+        name = "none"
+    else:
+        name = "xnnpack" if logged else "runtime default (no XNNPACK delegate logged)"
+    delegate = {
+        "name": name,
+        "op_resolver": "BUILTIN" if xnnpack else "BUILTIN_WITHOUT_DEFAULT_DELEGATES",
+        "xnnpack_requested": xnnpack,
+        "runtime_log": logged[:3],
+    }
+    return interp, delegate
 
 
 def model_io(interp: Any, model: Path) -> dict[str, Any]:
@@ -268,7 +417,23 @@ def read_job(path: Path) -> dict[str, Any]:
         "warmup": _int(job, "warmup", 3),
         "runs": _int(job, "runs", 20, minimum=1),
         "runtime": str(job.get("runtime", "auto")),
+        "xnnpack": _xnnpack_allowed(job, path),
+        "memory_phases": _memory_phases(job, path),
     }
+
+
+def _xnnpack_allowed(job: dict[str, Any], path: Path) -> bool:
+    req = job.get("runtime_requirements") or {}
+    if not isinstance(req, dict) or not isinstance(req.get("xnnpack", True), bool):
+        raise invalid("bad-job", f"{path}: 'runtime_requirements' must be an object like {{\"xnnpack\": false}}")
+    return req.get("xnnpack", True)
+
+
+def _memory_phases(job: dict[str, Any], path: Path) -> str:
+    method = job.get("memory_phases", "auto")
+    if method not in ("auto", *MEMORY_METHODS):
+        raise invalid("bad-job", f"{path}: 'memory_phases' must be auto, clear_refs or process, got {method!r}")
+    return method
 
 
 def load_lr(name: str, path: Path) -> np.ndarray:
@@ -293,16 +458,23 @@ def latency_stats(samples_ms: list[float]) -> dict[str, Any]:
     }
 
 
-def run_job(job_path: Path, runtime_choice: str | None = None) -> dict[str, Any]:
+def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str | None = None) -> dict[str, Any]:
+    """Run a job and return its result; with `stop_after` a phase name, stop at that phase's end and return only
+    its memory figures (how "process per phase" measures each phase in a fresh process)."""
     t_start = time.perf_counter_ns()
     job = read_job(job_path)
     runtime, interpreter_cls = load_runtime(runtime_choice or job["runtime"])
-    memory = {"after_import": memory_snapshot()}
+    method = "process" if stop_after else choose_memory_method(job["memory_phases"])
+    meter = PhaseMeter(reset=method == "clear_refs")
+    meter.end("baseline")  # interpreter start + imports: the runner's own baseline
 
+    meter.start()
     t0 = time.perf_counter_ns()
-    interp = open_model(interpreter_cls, job["model"], job["threads"])
+    interp, delegate = open_model_logged(interpreter_cls, job["model"], job["threads"], job["xnnpack"])
     load_ms = _ms(t0)
-    memory["after_load"] = memory_snapshot()
+    meter.end("load")
+    if stop_after == "load":
+        return meter.phases["load"]
     io = model_io(interp, job["model"])
     if job["tile"] is not None and list(job["tile"]) != io["tile"]:
         raise invalid("bad-job", f"job tile {job['tile']} but the model's input is {io['tile']}")
@@ -317,10 +489,15 @@ def run_job(job_path: Path, runtime_choice: str | None = None) -> dict[str, Any]
     pad = ((0, max(0, model.tile_h - lr.shape[0])), (0, max(0, model.tile_w - lr.shape[1])), (0, 0))
     bench_tile = np.pad(lr, pad, mode="edge")[: model.tile_h, : model.tile_w]  # the timed tile: real image content
     del lr
+    meter.start()
     t0 = time.perf_counter_ns()
     model.invoke(bench_tile)
     first_inference_ms = _ms(t0)
-    memory["after_first_inference"] = memory_snapshot()
+    meter.end("first_inference")
+    if stop_after == "first_inference":
+        return meter.phases["first_inference"]
+
+    meter.start()
     for _ in range(job["warmup"]):
         model.invoke(bench_tile)
     samples = []
@@ -328,7 +505,11 @@ def run_job(job_path: Path, runtime_choice: str | None = None) -> dict[str, Any]
         t0 = time.perf_counter_ns()
         model.invoke(bench_tile)
         samples.append(_ms(t0))
+    meter.end("steady")
+    if stop_after == "steady":
+        return meter.phases["steady"]
 
+    meter.start()
     out_dir = job["out_dir"]
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
@@ -350,12 +531,30 @@ def run_job(job_path: Path, runtime_choice: str | None = None) -> dict[str, Any]
             }
         )
         del lr, sr
-    memory["end"] = memory_snapshot()
+    meter.end("images")
+    peak = meter.peak()
+    if method == "process":
+        # This process ran every phase without resets, so its phase figures are cumulative; the load and first
+        # inference figures come from processes that stopped at those phases' ends (this one is the steady one).
+        for phase in ("load", "first_inference"):
+            meter.phases[phase] = measure_phase_in_own_process(job_path, runtime_choice, phase)
+    memory: dict[str, Any] = {
+        "load": meter.phases["load"],
+        "first_inference": meter.phases["first_inference"],
+        "steady": meter.phases["steady"],
+        "baseline": meter.phases["baseline"],
+        "images": meter.phases["images"],
+        "method": MEMORY_METHODS[method],
+        "source": memory_source(),
+        "unit": "MiB",
+        "hwm_scope": "phase" if method == "clear_refs" else "process start through the phase",
+    }
     return {
         "runner_version": RUNNER_VERSION,
         "model": str(job["model"]),
         "model_size_bytes": job["model"].stat().st_size,
         "runtime": runtime,
+        "delegate": delegate,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -373,15 +572,17 @@ def run_job(job_path: Path, runtime_choice: str | None = None) -> dict[str, Any]
         "latency_ms": latency_stats(samples),
         "images": images,
         "outputs": [img["output"] for img in images],
-        "memory": {"source": memory_source(), "unit": "MiB", "phases": memory},
-        "peak_rss_mb": memory["end"].get("VmHWM"),
+        "memory": memory,
+        "peak_rss_mb": peak,
         "wall_ms": round(_ms(t_start), 3),
     }
 
 
 def describe(model: Path, runtime_choice: str) -> dict[str, Any]:
     runtime, interpreter_cls = load_runtime(runtime_choice)
-    interp = open_model(interpreter_cls, model, threads=1)
+    # Shapes need no delegate; without XNNPACK a file it cannot prepare (runtime_requirements) still describes.
+    has_resolver = hasattr(sys.modules[interpreter_cls.__module__], "OpResolverType")
+    interp = open_model(interpreter_cls, model, threads=1, xnnpack=not has_resolver)
     io = model_io(interp, model)
     # Tensors stored in TFLite's sparse format (inputs of DENSIFY ops): how a bare file reveals its encoding.
     sparse = [t["name"] for t in interp.get_tensor_details() if t.get("sparsity_parameters")]
@@ -413,13 +614,21 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--job", type=Path, help="job.json (or the folder holding it) to run")
     mode.add_argument("--describe", type=Path, metavar="MODEL", help="print a .tflite model's shapes as JSON")
+    mode.add_argument("--check-peak-reset", action="store_true", help=argparse.SUPPRESS)  # prints true or false
     parser.add_argument("--runtime", default=None, choices=["auto", *RUNTIMES], help="interpreter (default auto)")
+    parser.add_argument("--stop-after", choices=PHASES, help=argparse.SUPPRESS)  # one process per phase
     args = parser.parse_args(argv)
+    if args.check_peak_reset:
+        print("true" if peak_reset_works() else "false")
+        return 0
     try:
         if args.describe is not None:
             print(json.dumps(describe(args.describe, args.runtime or "auto")))
             return 0
         job_path = args.job / "job.json" if args.job.is_dir() else args.job
+        if args.stop_after:
+            print(json.dumps(run_job(job_path, args.runtime, stop_after=args.stop_after)))
+            return 0
         result = run_job(job_path, args.runtime)  # a --runtime on the command line overrides the job's
         write_json_atomic(read_job(job_path)["out_dir"] / "result.json", result)
         print(f"runner: {len(result['images'])} image(s), tile latency median {result['latency_ms']['median']:.3f} ms")

@@ -7,6 +7,7 @@ ssh and adb targets implement the same three calls: push the job folder, run the
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_bench.target_config import EntryFields, load_targets_file
 from edgesr.errors import BadInput, TargetFailed
 
 log = logging.getLogger("device_bench")
@@ -26,7 +28,7 @@ RUNNER = Path(__file__).with_name("runner.py")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICE_PYTHON_ENV = "EDGESR_DEVICE_PYTHON"
 # Runner error kinds that mean "the user's model is unusable" (exit 2) rather than "the target failed" (exit 3).
-_MODEL_ERRORS = ("invalid-model", "unsupported-model")
+MODEL_ERRORS = ("invalid-model", "unsupported-model")
 
 
 class Target(ABC):
@@ -73,6 +75,21 @@ class LocalTarget(Target):
     name: str = "local"
     emulated: bool = False
 
+    @classmethod
+    def from_config(cls, name: str, entry: dict[str, Any], base_dir: Path) -> LocalTarget:
+        """A second local target from the targets file (`type: local`), e.g. another device venv."""
+        f = EntryFields(name, entry, base_dir)
+        device_python = f.path("device_python", None, must_exist=False)
+        target = cls(
+            device_python=device_python if device_python is not None else default_device_python(None),
+            timeout_s=f.number("timeout_s", 600.0),
+            runtime=f.runtime(),
+            name=name,
+            emulated=f.flag("emulated", False),
+        )
+        f.check_unknown()
+        return target
+
     def _call(self, args: list[str], what: str, cwd: Path, log_path: Path | None = None) -> str:
         cmd = [str(self.device_python), str(RUNNER), *args, "--runtime", self.runtime]
         log.debug("%s: %s", self.name, " ".join(cmd))
@@ -93,8 +110,8 @@ class LocalTarget(Target):
         if log_path is not None:
             log_path.write_text(proc.stderr)
         if proc.returncode != 0:
-            kind, reason = _runner_error(proc.stderr)
-            if proc.returncode == 2 and kind in _MODEL_ERRORS:
+            kind, reason = runner_error(proc.stderr)
+            if proc.returncode == 2 and kind in MODEL_ERRORS:
                 raise BadInput(reason)
             if proc.returncode < 0:
                 try:
@@ -139,7 +156,7 @@ def _text(data: str | bytes | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def _runner_error(stderr: str) -> tuple[str, str]:
+def runner_error(stderr: str) -> tuple[str, str]:
     """(kind, message) from the runner's one-line error; the runtime's own chatter on stderr is skipped."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in reversed(lines):
@@ -149,16 +166,53 @@ def _runner_error(stderr: str) -> tuple[str, str]:
     return "failed", lines[-1][:300] if lines else "no error message"
 
 
+# Targets that need no targets file.
 TARGET_KINDS = ("local",)
+# `type:` in the targets file -> "module:Class" (imported on use; each class has from_config(name, entry, base_dir)).
+TARGET_TYPES: dict[str, str] = {
+    "local": "device_bench.targets:LocalTarget",
+    "ssh": "device_bench.ssh_target:SSHTarget",
+    "adb": "device_bench.adb_target:ADBTarget",
+}
+
+
+def target_class(kind: str) -> type[Target]:
+    module_name, _, class_name = TARGET_TYPES[kind].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def make_targets(
-    names: list[str], device_python: str | os.PathLike | None, timeout_s: float, runtime: str
+    names: list[str],
+    device_python: str | os.PathLike | None,
+    timeout_s: float,
+    runtime: str,
+    targets_file: str | os.PathLike | None = None,
 ) -> list[Target]:
-    """Targets by name; only `local` exists today (ssh and adb come behind the same interface)."""
+    """Targets by name: `local` is built in; other names come from the targets file (see target_config).
+
+    An entry that sets no `timeout_s` or `runtime` gets the command line's.
+    """
+    entries = load_targets_file(targets_file) if targets_file is not None else {}
     targets: list[Target] = []
     for name in dict.fromkeys(names):
-        if name not in TARGET_KINDS:
-            raise BadInput(f"unknown target '{name}'; available: {', '.join(TARGET_KINDS)}")
-        targets.append(LocalTarget(default_device_python(device_python), timeout_s=timeout_s, runtime=runtime))
+        if name in entries:
+            entry = entries[name]
+            if entry["type"] not in TARGET_TYPES:
+                raise BadInput(
+                    f"{targets_file}: target {name}: unknown type {entry['type']!r}; known: {', '.join(TARGET_TYPES)}"
+                )
+            try:
+                targets.append(
+                    target_class(entry["type"]).from_config(
+                        name, {"timeout_s": timeout_s, "runtime": runtime, **entry}, Path(targets_file).parent
+                    )
+                )
+            except BadInput as exc:
+                raise BadInput(f"{targets_file}: {exc}") from None
+        elif name in TARGET_KINDS:
+            targets.append(LocalTarget(default_device_python(device_python), timeout_s=timeout_s, runtime=runtime))
+        else:
+            available = [*TARGET_KINDS, *entries]
+            hint = "" if targets_file is not None else " (remote targets are named in a --targets-file)"
+            raise BadInput(f"unknown target '{name}'; available: {', '.join(available)}{hint}")
     return targets

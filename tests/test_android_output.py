@@ -3,6 +3,8 @@
 import pytest
 
 from android_harness.benchmark_output import BenchmarkCommand, parse_benchmark_output
+from android_harness.engine import timing_result
+from edgesr.errors import TargetFailed
 
 # Lines in the order BenchmarkModel::Run() and its listeners print them (tflite/tools/benchmark).
 TFLITE_LOG = """\
@@ -124,3 +126,48 @@ def test_command_line_is_an_argument_list():
         BenchmarkCommand(binary="b", graph="g", delegate="npu")
     with pytest.raises(ValueError, match="hexadecimal"):
         BenchmarkCommand(binary="b", graph="g", taskset_mask="f0; reboot")
+
+
+@pytest.mark.parametrize(
+    ("delegate", "flag"),
+    [
+        ("xnnpack", "--use_xnnpack=true"),
+        ("gpu", "--use_gpu=true"),
+        ("nnapi", "--use_nnapi=true"),
+        ("none", "--use_xnnpack=false"),
+    ],
+)
+def test_delegate_flags_and_output_only_runs(delegate, flag):
+    argv = BenchmarkCommand(binary="bm", graph="m.tflite", delegate=delegate, report_peak_memory=False).argv()
+    assert [a for a in argv if a.startswith("--use_")] == [flag] and argv[0] == "bm"
+    once = BenchmarkCommand(binary="bm", graph="g", num_runs=1, warmup_runs=0, min_secs=0, warmup_min_secs=0)
+    assert once.argv()[3:7] == ["--num_runs=1", "--warmup_runs=0", "--min_secs=0", "--warmup_min_secs=0"]
+
+
+def test_timing_result_from_both_formats():
+    classic = timing_result(parse_benchmark_output(TFLITE_LOG))
+    assert classic["latency_ms"] == {
+        "median": pytest.approx(160.1),
+        "median_source": "median",
+        "p90": None,  # not printed by the tool: absent, never estimated
+        "p95": pytest.approx(166.0),
+        "p5": pytest.approx(156.0),
+        "mean": pytest.approx(160.4205),
+        "min": pytest.approx(155.25),
+        "max": pytest.approx(171.0),
+        "std": pytest.approx(3.1),
+        "samples": [],
+    }
+    assert classic["load_ms"] == pytest.approx(12.5) and classic["first_inference_ms"] == pytest.approx(170.001)
+    assert classic["peak_rss_mb"] == 121.75 and classic["benchmark_runs"] == {"inference": 50, "warmup": 4}
+    assert classic["memory"]["steady"] == {"hwm_mb": 121.75, "rss_mb": 118.0, "rss_anon_mb": 96.0, "rss_file_mb": 22.0}
+    assert classic["memory"]["hwm_delta_mb"] == {"init": 3.25, "overall": 81.5}
+    litert = timing_result(parse_benchmark_output(LITERT_LOG))
+    assert litert["latency_ms"]["median"] == 160.42 and litert["latency_ms"]["median_source"] == "avg"
+    assert litert["load_ms"] == 45.2 and litert["first_inference_ms"] == 170.0 and litert["peak_rss_mb"] == 121.75
+    assert litert["memory"]["steady"]["rss_anon_mb"] is None and litert["benchmark_runs"] == {
+        "warmup": 4,
+        "inference": 50,
+    }
+    with pytest.raises(TargetFailed, match="no inference timings"):
+        timing_result(parse_benchmark_output("ERROR: Could not open 'x.tflite'.\n"))

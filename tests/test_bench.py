@@ -38,8 +38,11 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, needle: 
     assert "Traceback" not in proc.stderr
 
 
+PLOTS = ("psnr_vs_size.png", "psnr_vs_peak_rss.png", "psnr_vs_latency.png")
+
+
 def report_files(out: Path) -> list[str]:
-    return [name for name in ("report.json", "report.md", "psnr_vs_size.png") if (out / name).exists()]
+    return [name for name in ("report.json", "report.md", *PLOTS) if (out / name).exists()]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +153,12 @@ def test_row_fields_and_psnr_equal_torch_on_the_same_images(failed_run: tuple, e
         0 < row["latency_ms_median"] <= row["latency_ms_p90"] and row["load_ms"] > 0 and row["first_inference_ms"] > 0
     )
     assert (row["threads"], row["warmup"], row["runs"], row["tile"], row["overlap"]) == (1, 1, 3, [64, 64], OVERLAP)
-    assert row["runtime"] == {"name": "ai_edge_litert", "version": "2.3.0"}
+    assert row["runtime"] == {"name": "ai_edge_litert", "version": "2.3.0"} and row["delegate"] == "xnnpack"
+    memory = row["memory"]
+    assert memory["method"] in ("clear_refs reset", "process per phase")
+    for phase in ("load", "first_inference", "steady"):
+        assert 10 < memory[phase]["hwm_mb"] <= row["peak_rss_mb"]
+        assert memory[phase]["rss_anon_mb"] > 0 and memory[phase]["rss_file_mb"] > 0
     assert set(row["per_image"]) == {"monarch", "kodim23"}
     assert row["per_image"]["monarch"]["tiles"] == 6 and row["per_image"]["kodim23"]["tiles"] == 4
     # Tiled TFLite on the device == whole-image torch, so the host-side scores agree to well below 0.01 dB.
@@ -170,8 +178,30 @@ def test_report_md_has_table_legend_skips_and_plot(failed_run: tuple) -> None:
     assert "ai_edge_litert 2.3.0" in md and "BT.601" in md and "border = scale" in md and "Pillow bicubic" in md
     assert "DENSIFY" in md and "file size only" in md
     assert "dense.mlpackage" in md and "Core ML cannot run on Linux" in md
-    png = out / "psnr_vs_size.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![Y-PSNR vs model size](psnr_vs_size.png)" in md
+    report = json.loads((out / "report.json").read_text())
+    assert report["plots"] == {
+        "psnr_vs_size": "psnr_vs_size.png",
+        "psnr_vs_peak_rss": "psnr_vs_peak_rss.png",
+        "psnr_vs_latency": "psnr_vs_latency.png",
+    }
+    for png in PLOTS:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
+    assert report["rows"][0]["pareto"] == {"psnr_vs_size": True, "psnr_vs_peak_rss": True, "psnr_vs_latency": True}
+    # memory by phase, with a legend for every column; budget verdicts with signed margins
+    assert "### Memory by phase (MiB)" in md and "| load VmHWM | load RssAnon | load RssFile |" in md
+    for phrase in ("**VmHWM**", "**VmRSS**", "**RssAnon**", "**RssFile**", "mmap'd .tflite", "clear_refs"):
+        assert phrase in md, phrase
+    assert "### Budget verdicts" in md and "| value − limit | % of limit |" in md
+    size_kb = report["rows"][0]["size_bytes"] / 1024
+    assert f"| {size_kb - 100:+.2f} KB | {(size_kb - 100) / 100 * 100:+.1f}% | **FAIL** |" in md
+    # the environment block: runtime and version, threads, delegate, tile, device facts
+    for phrase in (
+        "- runtime: ai_edge_litert 2.3.0",
+        "- threads: 1",
+        "- delegate: xnnpack",
+        "- tile size (LR px): 64x64",
+    ):
+        assert phrase in md, phrase
     assert sorted(p.name for p in (out / "images" / "local").rglob("*.png")) == ["kodim23.png", "monarch.png"]
 
 
@@ -179,7 +209,8 @@ def test_report_rerenders_from_json_and_rechecks_budgets(failed_run: tuple, tmp_
     shutil.copy(failed_run[1] / "report.json", tmp_path / "report.json")
     proc = cli("report", tmp_path)
     assert proc.returncode == 1, proc.stderr  # the recorded verdict
-    assert (tmp_path / "report.md").read_text().count("## Legend") == 1 and (tmp_path / "psnr_vs_size.png").exists()
+    assert (tmp_path / "report.md").read_text().count("## Legend") == 1
+    assert report_files(tmp_path) == ["report.json", "report.md", *PLOTS]
     (tmp_path / "loose.yaml").write_text(LOOSE)
     assert cli("report", tmp_path, "--budgets", tmp_path / "loose.yaml").returncode == 0
     assert json.loads((tmp_path / "report.json").read_text())["passed"] is True
@@ -253,14 +284,21 @@ def test_bad_usage_exits_2(env: dict, tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def test_missing_device_python_exits_3(env: dict, tmp_path: Path) -> None:
+def test_missing_device_python_exits_3_with_the_reason_in_the_report(env: dict, tmp_path: Path) -> None:
     proc = bench(env["tflite"], "--out", tmp_path / "out", "--test-set", env["photos"], device="/nonexistent/python")
     assert_one_line_error(proc, 3, "device Python /nonexistent/python not found")
-    assert not (tmp_path / "out").exists()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["exit_code"] == 3 and report["rows"] == []
+    [failed] = report["failed_targets"]
+    assert failed["target"] == "local" and "device Python /nonexistent/python not found" in failed["reason"]
+    assert failed["not_run"] == ["dense--dense"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Failed targets" in md and "## Target `local` (real hardware) — FAILED" in md
+    assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
-def test_killed_runner_exits_3_and_leaves_no_report(env: dict, tmp_path: Path) -> None:
-    """The runner process really dies (SIGKILL from a wrapper when it gets a job); a stale report is removed."""
+def test_killed_runner_exits_3_and_the_report_says_why(env: dict, tmp_path: Path) -> None:
+    """The runner process really dies (SIGKILL from a wrapper when it gets a job); a stale report is replaced."""
     wrapper = tmp_path / "python-that-dies"
     wrapper.write_text(
         "#!/bin/sh\n"
@@ -273,4 +311,7 @@ def test_killed_runner_exits_3_and_leaves_no_report(env: dict, tmp_path: Path) -
     (out / "report.json").write_text("{}")  # from an earlier run
     proc = bench(env["tflite"], "--out", out, "--test-set", env["photos"], device=wrapper)
     assert_one_line_error(proc, 3, "runner killed by SIGKILL")
-    assert report_files(out) == []
+    report = json.loads((out / "report.json").read_text())
+    assert report["exit_code"] == 3 and report["rows"] == [] and not report["passed"]
+    assert "runner killed by SIGKILL" in report["failed_targets"][0]["reason"]
+    assert report_files(out) == ["report.json", "report.md"]  # no measurement, nothing to plot

@@ -33,6 +33,8 @@ def test_target_override_decides_the_verdict(tmp_path: Path) -> None:
         "value": 40.0,
         "pass": True,
         "margin": 10.0,
+        "delta": -10.0,
+        "delta_pct": -20.0,
         "unit": "ms",
     }
     other = check(b, "pi4", ROW)["max_latency_ms"]
@@ -45,13 +47,24 @@ def test_check_units_and_margins() -> None:
     assert v["max_model_kb"]["value"] == 512 and v["max_model_kb"]["margin"] == -12 and not v["max_model_kb"]["pass"]
     assert v["max_peak_mb"]["margin"] == -20 and not v["max_peak_mb"]["pass"]
     assert v["min_psnr_db"]["margin"] == pytest.approx(-0.5) and not v["min_psnr_db"]["pass"]
+    # value - limit, also in % of the limit, signed the same way for max and min budgets
+    assert v["max_model_kb"]["delta"] == 12 and v["max_model_kb"]["delta_pct"] == pytest.approx(2.4)
+    assert v["min_psnr_db"]["delta"] == pytest.approx(-0.5) and v["min_psnr_db"]["delta_pct"] == pytest.approx(-1.5625)
     exact = check(Budgets(defaults={"max_latency_ms": 40}), "local", ROW)["max_latency_ms"]
     assert exact["pass"] and exact["margin"] == 0  # a value exactly at its limit passes
 
 
 def test_missing_measurement_fails_its_budget() -> None:
     v = check(Budgets(defaults={"min_psnr_db": 20}), "local", {**ROW, "psnr_y_db": None})["min_psnr_db"]
-    assert v == {"limit": 20.0, "value": None, "pass": False, "margin": None, "unit": "dB"}
+    assert v == {
+        "limit": 20.0,
+        "value": None,
+        "pass": False,
+        "margin": None,
+        "delta": None,
+        "delta_pct": None,
+        "unit": "dB",
+    }
 
 
 def test_no_budgets_means_everything_passes(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, find_device_python
-from device_bench.runner import tile_regions
+from device_bench.runner import PHASES, tile_regions
 from edgesr.datasets import builtin_hr_images
 from edgesr.images import bicubic_downscale, modcrop, to_float
 
@@ -114,13 +114,106 @@ def test_result_fields(tiled_run: dict) -> None:
     lat = r["latency_ms"]
     assert len(lat["samples"]) == 5
     assert lat["min"] <= lat["median"] <= lat["p90"] <= lat["max"] and lat["mean"] > 0
-    phases = r["memory"]["phases"]
-    assert list(phases) == ["after_import", "after_load", "after_first_inference", "end"]
-    for snap in phases.values():
-        assert {"VmHWM", "VmRSS", "RssAnon", "RssFile"} <= set(snap)
-    assert r["peak_rss_mb"] == phases["end"]["VmHWM"] >= phases["after_import"]["VmHWM"] > 10
+    assert r["delegate"]["name"] == "xnnpack" and r["delegate"]["op_resolver"] == "BUILTIN"
+    assert any("XNNPACK" in line for line in r["delegate"]["runtime_log"])  # what the runtime itself said
     assert r["outputs"] == ["monarch.npy", "small.npy"]
     assert all(img["ms"] > 0 for img in r["images"])
+
+
+FIELDS = ("hwm_mb", "rss_mb", "rss_anon_mb", "rss_file_mb")
+
+
+def kernel_resets_peak() -> bool:
+    """Checked here independently of the runner: raise this process's VmHWM, write 5 to clear_refs, re-read."""
+    code = (
+        "import mmap\n"
+        "def hwm():\n"
+        "    s = dict(l.split(':', 1) for l in open('/proc/self/status') if ':' in l)\n"
+        "    return int(s['VmHWM'].split()[0]), int(s['VmRSS'].split()[0])\n"
+        "m = mmap.mmap(-1, 64 << 20)\n"
+        "for i in range(0, 64 << 20, 4096): m[i] = 1\n"
+        "m.close(); before = hwm()\n"
+        "try:\n"
+        "    open('/proc/self/clear_refs', 'w').write('5')\n"
+        "except OSError:\n"
+        "    pass\n"
+        "after = hwm(); print(before[0] - before[1] > 32768 and after[0] - after[1] < 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return proc.stdout.strip() == "True"
+
+
+def check_phases(memory: dict, peak: float, reset: bool) -> None:
+    for phase in (*PHASES, "baseline", "images"):
+        figures = memory[phase]
+        assert set(figures) == set(FIELDS) and all(figures[f] > 0 for f in FIELDS), (phase, figures)
+        assert figures["rss_mb"] <= figures["hwm_mb"] + 0.01  # current <= peak since the phase began
+        assert figures["rss_anon_mb"] + figures["rss_file_mb"] <= figures["rss_mb"] + 0.01
+        assert figures["hwm_mb"] <= peak + 0.01  # no phase peaks above the whole run
+    assert peak == pytest.approx(max(memory[p]["hwm_mb"] for p in (*PHASES, "baseline", "images")), abs=0.01)
+    # by the first inference the model (arena, weights) costs anonymous memory above the interpreter's baseline
+    assert memory["first_inference"]["rss_anon_mb"] > memory["baseline"]["rss_anon_mb"] + 1
+    if not reset:  # peaks from process start: each phase's includes the ones before it
+        assert memory["load"]["hwm_mb"] <= memory["first_inference"]["hwm_mb"] <= memory["steady"]["hwm_mb"] + 0.01
+    assert memory["source"].startswith("/proc/self/status VmHWM") and memory["unit"] == "MiB"
+
+
+def test_memory_phases_with_the_peak_reset(tiled_run: dict, tmp_path: Path) -> None:
+    r = tiled_run["result"]
+    reset = kernel_resets_peak()
+    probe = run(["--check-peak-reset"], cwd=tmp_path)
+    assert probe.returncode == 0 and probe.stdout.strip() == str(reset).lower()
+    assert r["memory"]["method"] == ("clear_refs reset" if reset else "process per phase")
+    check_phases(r["memory"], r["peak_rss_mb"], reset)
+    if reset:  # a reset phase's peak is its own: the steady invokes peak below the images phase's buffers
+        assert r["memory"]["hwm_scope"] == "phase"
+        assert r["memory"]["steady"]["hwm_mb"] < r["memory"]["images"]["hwm_mb"]
+
+
+def test_process_per_phase_without_xnnpack(model: tuple[Path, object], tiled_run: dict, tmp_path: Path) -> None:
+    """Forced fallback method and runtime_requirements {xnnpack: false}: phases from their own processes, no
+    default delegate, and the same SR output as whole-image torch."""
+    lr = tiled_run["images"]["monarch"]
+    job = make_job(
+        tmp_path / "job",
+        model[0],
+        {"monarch": lr},
+        overlap=14,
+        warmup=1,
+        runs=2,
+        memory_phases="process",
+        runtime_requirements={"xnnpack": False},
+    )
+    proc = run(["--job", str(job)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "job" / "out" / "result.json").read_text())
+    assert r["memory"]["method"] == "process per phase"
+    assert r["memory"]["hwm_scope"] == "process start through the phase"
+    check_phases(r["memory"], r["peak_rss_mb"], reset=False)
+    assert r["delegate"] == {
+        "name": "none",
+        "op_resolver": "BUILTIN_WITHOUT_DEFAULT_DELEGATES",
+        "xnnpack_requested": False,
+        "runtime_log": [],
+    }
+    assert "XNNPACK" not in proc.stderr  # the runtime never created the delegate
+    assert np.abs(np.load(tmp_path / "job" / "out" / "monarch.npy") - torch_upscale(model[1], lr)).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("memory_phases", "sometimes", "'memory_phases' must be auto, clear_refs or process"),
+        ("runtime_requirements", {"xnnpack": "no"}, "'runtime_requirements' must be an object"),
+    ],
+)
+def test_bad_memory_and_delegate_fields(
+    model: tuple[Path, object], tmp_path: Path, field: str, value: object, needle: str
+) -> None:
+    lr = np.zeros((70, 70, 3), np.float32)
+    job = make_job(tmp_path / "job", model[0], {"z": lr}, overlap=14, **{field: value})
+    proc = run(["--job", str(job)], cwd=tmp_path)
+    assert proc.returncode == 2 and "runner error [bad-job]" in proc.stderr and needle in proc.stderr
 
 
 def test_describe_reports_shapes_runtime_and_encoding(model: tuple[Path, object], tmp_path: Path) -> None:
