@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sparse-min",
         type=float,
-        default=0.3,
-        help="encode a conv's weights sparse when at least this fraction is zero (default 0.3)",
+        default=0.0,
+        help="a floor: encode a conv's weights sparse only when at least this fraction is zero (default 0: "
+        "whenever the sparse form saves bytes)",
     )
     parser.add_argument(
         "--name", help="model name for report rows (default: the checkpoint manifest's name, else the file stem)"

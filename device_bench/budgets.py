@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edgesr.errors import BadInput
+from edgesr.manifest import read_yaml
 
 # budget key -> (row field it limits, how the row value is turned into the budget's unit, "max" or "min", unit)
 BUDGETS: dict[str, tuple[str, float, str, str]] = {
@@ -63,13 +62,7 @@ def load_budgets(path: str | Path | None) -> Budgets:
     if path is None:
         return Budgets()
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such budgets file")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = " ".join(str(exc).split())
-        raise BadInput(f"{path}: not valid YAML ({first})") from None
+    doc = read_yaml(path, "budgets file")
     if doc is None:
         return Budgets(source=str(path))
     if not isinstance(doc, dict):

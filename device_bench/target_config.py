@@ -19,10 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from device_bench.runner import RUNTIMES
 from edgesr.errors import BadInput
+from edgesr.manifest import read_yaml
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # target names become folder names under <out>/jobs/
 _REQUIRED = object()
@@ -31,12 +30,7 @@ _REQUIRED = object()
 def load_targets_file(path: str | Path) -> dict[str, dict[str, Any]]:
     """name -> entry (a dict with at least a string `type`), as written in the file."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: targets file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    data = read_yaml(path, "targets file")
     if not isinstance(data, dict) or not isinstance(data.get("targets"), dict) or not data["targets"]:
         raise BadInput(f"{path}: expected a mapping 'targets:' with at least one named target")
     unknown = set(data) - {"targets"}

@@ -76,6 +76,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
+    """A YAML document, or BadInput naming the file when it is missing or not YAML (`what`: e.g. "budgets file")."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such {what}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -384,7 +384,7 @@ def test_bad_targets_file_is_one_line_exit_2(sshd, tiny_tflite, tmp_path, entry,
 def test_unknown_target_name_and_missing_file(tmp_path) -> None:
     with pytest.raises(BadInput, match="unknown target 'pi'; available: local .*--targets-file"):
         make_targets(["pi"], None, 60.0, "auto")
-    with pytest.raises(BadInput, match="targets file not found"):
+    with pytest.raises(BadInput, match="no such targets file"):
         make_targets(["pi"], None, 60.0, "auto", targets_file=tmp_path / "nope.yaml")
     (tmp_path / "t.yaml").write_text("targets: [1, 2]\n")
     with pytest.raises(BadInput, match="expected a mapping 'targets:'"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from ai_edge_litert import schema_py_generated as schema
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from compress.checkpoint import load_checkpoint
 from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
@@ -28,7 +28,7 @@ from convert.sparse_tflite import (
     read_sparse_tensor,
     tf_sparsify,
 )
-from convert.tflite import tflite_bytes
+from convert.tflite import float_io, tflite_bytes, tflite_op_counts
 from convert.tflite_artifacts import TFLITE_PRECISIONS, tflite_artifacts, tflite_file_name
 from edgesr.datasets import SPORCO_IMAGES, load_test_set
 from edgesr.errors import BadInput, CheckFailed
@@ -265,3 +265,108 @@ def test_sporco_tiles_are_aligned_lr_hr_crops():
         bicubic_upscale(quantize_uint8(lr[0]), SCALE), hr, crop_border=SCALE
     )
     assert parity.sporco_tiles(1000, SCALE) == []  # larger than every LR image: nothing to score
+
+
+QUANTIZED = ("int8-dynamic", "int8")
+
+
+@pytest.fixture(scope="module")
+def conv_first(tmp_path_factory):
+    """A plain user model whose first op is a conv (no MeanShift in front), 80 % magnitude-pruned, in both int8
+    precisions through the pipeline's own build-and-verify step. The converter alone gives int8 I/O here."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 12, 3, padding=1),
+        torch.nn.PixelShuffle(2),
+    )
+    GradualMagnitudePruner(model, MagnitudeConfig(target=0.8, end_step=1, layers="all")).finalize()
+    model.eval()
+    staging = tmp_path_factory.mktemp("tflite-conv-first")
+    x = parity.parity_tile(TILE, SCALE)
+    reference = parity.torch_output(model, x)
+    artifacts = {}
+    for precision in QUANTIZED:
+        built_, skipped = tflite_artifacts(
+            model, staging, precision, TILE, 0.0, x, reference, calibration_patches(TILE)
+        )
+        assert skipped == []
+        artifacts.update({(a["precision"], a["encoding"]): a for a in built_})
+    return {"model": model, "dir": staging, "artifacts": artifacts}
+
+
+def test_conv_first_model_int8_files_keep_float32_io_and_parity(conv_first):
+    assert set(conv_first["artifacts"]) == {(p, e) for p in QUANTIZED for e in ("dense", "sparse")}
+    pair = next(p for p in load_test_set("sporco", SCALE) if p.name == SPORCO_IMAGES[0])
+    x = np.ascontiguousarray(pair.lr[40 : 40 + TILE, 60 : 60 + TILE], dtype=np.float32)[None] / 255.0
+    ref = parity.torch_output(conv_first["model"], x)
+    for (precision, _), a in conv_first["artifacts"].items():
+        path = conv_first["dir"] / a["file"]
+        # builtin kernels: XNNPACK cannot prepare sparse int8-dynamic (recorded; checked per delegate below)
+        interpreter = Interpreter(
+            model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        )
+        (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+        assert inp["dtype"] == np.float32 and tuple(inp["shape"]) == (1, TILE, TILE, 3), a["file"]
+        assert out["dtype"] == np.float32 and tuple(out["shape"]) == (1, SCALE * TILE, SCALE * TILE, 3), a["file"]
+        assert inp["name"] == "serving_default_args_0"  # the float32 edge keeps the converter's name
+        # the signature runner (what signature-based runtimes call) takes and returns float32 too
+        runner = interpreter.get_signature_runner()
+        (sig_out,) = runner(args_0=x).values()
+        assert sig_out.dtype == np.float32 and sig_out.shape == ref.shape
+        tol = parity.TFLITE_TOLERANCES[precision]
+        delegates = {parity.BUILTIN, a["parity"]["verified_with"]["delegate"]}
+        if a.get("runtime_requirements") != {"xnnpack": False}:
+            assert delegates == {parity.BUILTIN, parity.XNNPACK}
+        for delegate in delegates:
+            y = parity.run_tflite(path, x, delegate)
+            err = float(np.max(np.abs(y.astype(np.float64) - ref)))
+            assert err <= tol.max_abs_error and psnr_float(y, ref) >= tol.psnr_db_min, (a["file"], delegate, err)
+            assert err > 0  # really quantized
+        assert a["parity"]["max_abs_error"] <= tol.max_abs_error
+    # the rewritten files still sparse-encode: the 16->12 filter (the 432-weight first one is smaller dense in int8)
+    for precision in QUANTIZED:
+        assert conv_first["artifacts"][(precision, "sparse")]["weights"]["sparse_tensors"] == 1
+        assert conv_first["artifacts"][(precision, "dense")]["weights"]["sparse_tensors"] == 0
+
+
+def test_float_io_quantizes_the_int8_edges_with_their_own_parameters(conv_first):
+    data = (conv_first["dir"] / tflite_file_name("dense", "int8")).read_bytes()
+    assert float_io(data) == data  # already float32 at the edges: unchanged, byte for byte
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    sg = model.subgraphs[0]
+    codes = [model.operatorCodes[op.opcodeIndex] for op in sg.operators]
+    ops = [max(oc.builtinCode, oc.deprecatedBuiltinCode) for oc in codes]
+    assert ops[0] == schema.BuiltinOperator.QUANTIZE and ops[-1] == schema.BuiltinOperator.DEQUANTIZE
+    assert tflite_op_counts(data)["QUANTIZE"] == 1 and tflite_op_counts(data)["DEQUANTIZE"] == 1
+    first, last = sg.operators[0], sg.operators[-1]
+    assert list(sg.inputs) == list(first.inputs) and list(sg.outputs) == list(last.outputs)
+    (sig,) = model.signatureDefs
+    assert [t.tensorIndex for t in sig.inputs] == list(sg.inputs)
+    assert [t.tensorIndex for t in sig.outputs] == list(sg.outputs)
+    for float_t, int_t in ((first.inputs[0], first.outputs[0]), (last.outputs[0], last.inputs[0])):
+        f, q = sg.tensors[float_t], sg.tensors[int_t]
+        assert f.type == schema.TensorType.FLOAT32 and q.type == schema.TensorType.INT8
+        assert q.name == f.name + b"_int8" and list(f.shape) == list(q.shape)
+        assert len(q.quantization.scale) == 1 and q.quantization.scale[0] > 0
+    # the input keeps the calibrated range: the patches' [min, max] (0 included) over 256 int8 steps
+    q_in = sg.tensors[first.outputs[0]].quantization
+    calibration = calibration_patches(TILE)
+    span = max(float(calibration.max()), 0.0) - min(float(calibration.min()), 0.0)
+    assert q_in.scale[0] == pytest.approx(span / 255, rel=0.02) and q_in.zeroPoint[0] == -128
+    # QUANTIZE maps the float32 input onto that int8 tensor with those parameters
+    x = parity.parity_tile(TILE, SCALE)
+    interpreter = Interpreter(
+        model_content=data,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        experimental_preserve_all_tensors=True,
+    )
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    details = {d["name"]: d for d in interpreter.get_tensor_details()}
+    q = details["serving_default_args_0_int8"]
+    scale, zero = q["quantization"]
+    expected = np.clip(np.round(x / scale) + zero, -128, 127).astype(np.int8)
+    assert np.abs(interpreter.get_tensor(q["index"]).astype(int) - expected).max() <= 1
