@@ -219,7 +219,7 @@ def test_baked_iks_model_converts_and_sparse_tflite_follows_its_zeros(iks_run, t
 
     manifest = convert_checkpoint(iks_run / "model.pt", tmp_path / "convert", formats=("tflite",), tile=32)
     dense, sparse = manifest["artifacts"]
-    assert sparse["parity"]["bit_identical_to_dense"] is True and sparse["parity"]["max_abs_err"] < 1e-4
+    assert sparse["parity"]["bit_identical_to_dense"] is True and sparse["parity"]["max_abs_error"] < 1e-4
     model, ckpt = load_checkpoint(iks_run / "model.pt")
     gated = [model.get_submodule(n).weight for n in ckpt["pruning"]["pruned_layers"]]
     assert sparse["weights"]["sparse_tensors"] == len(gated)  # exactly the gated convs were worth encoding
