@@ -24,24 +24,37 @@ TARGET_FLAGS = $(if $(filter $(METHOD),$(CHANNEL_METHODS)),--params $(PARAMS) \
 CKPT ?= checkpoints/edsr-tiny-x2/model.pt
 OUT ?= runs/latest
 FORMATS ?= tflite,coreml
+PRECISION ?= fp32
 TILE ?= 128
 ARTIFACTS ?= $(OUT)/convert
 BUDGETS ?=
 TARGETS ?= local
+TARGETS_FILE ?=
 TEST_SET ?= sporco
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help setup demo test test-all lint compress bench-prune convert bench report clean
+.PHONY: help setup system-tools demo test test-vm test-all lint compress bench-prune convert bench report clean
 
 help: ## list the targets
 	@echo "edgesr make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
-	@echo "knobs: METHOD TARGET (=SPARSITY) PARAMS WEIGHT_SPARSITY STEPS COMPRESS_ARGS CKPT OUT FORMATS TILE ARTIFACTS"
-	@echo "       BUDGETS TARGETS TEST_SET"
+	@echo "knobs: METHOD TARGET (=SPARSITY) PARAMS WEIGHT_SPARSITY STEPS COMPRESS_ARGS CKPT OUT FORMATS PRECISION TILE"
+	@echo "       ARTIFACTS BUDGETS TARGETS TARGETS_FILE TEST_SET"
 	@echo "       PYTEST_ARGS BENCH_ARGS (see README)"
 
 setup: $(VENV)/.ok $(DEVICE_VENV)/.ok ## build the workstation venv (.venv) and the device venv (.venv-device)
+
+# The device harness tests drive real ssh/sshd and a real adb server; as root, install them when missing.
+SYSTEM_TOOLS := /usr/bin/ssh /usr/sbin/sshd /usr/bin/adb
+system-tools: ## install ssh, sshd and adb from Debian when missing (root; the harness tests need them)
+	@missing=""; for f in $(SYSTEM_TOOLS); do [ -x $$f ] || missing="$$missing $$f"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; run: sudo apt-get install openssh-client openssh-server adb" >&2; exit 2; fi; \
+		echo "installing openssh-client openssh-server adb (missing:$$missing)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			openssh-client openssh-server adb >/dev/null; \
+	fi
 
 $(VENV)/.ok: constraints.txt pyproject.toml
 	@echo "setting up $(VENV) (torch 2.13.0 CPU, litert-torch, coremltools, tensorflow-cpu; a few minutes, ~3.6 GB)"
@@ -66,13 +79,16 @@ demo: setup ## prune the shipped x2 model to 80%, convert dense+sparse to TFLite
 		--name edsr-tiny-x2-pruned80 --out runs/demo/convert
 	$(PY) -m device_bench bench runs/demo/convert-unpruned runs/demo/convert --targets local \
 		--budgets configs/demo-budgets.yaml --out runs/demo
-	@echo "demo done: runs/demo/report.md, runs/demo/report.json, runs/demo/psnr_vs_size.png"
+	@echo "demo done: runs/demo/report.md, report.json, results.jsonl and psnr_vs_{size,peak_rss,latency}.png"
 
-test: setup ## run the default test suite (fast; excludes slow and vm tests)
+test: setup system-tools ## run the default test suite (fast; excludes slow and vm tests)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-all: setup ## run every test, slow ones included
-	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+test-vm: setup system-tools pi-vm ## run the tests marked vm against the arm64 stand-in (boots it; builds it once)
+	$(PY) -m pytest -m vm $(PYTEST_ARGS)
+
+test-all: setup system-tools ## run every test, slow ones included (not the vm ones: make test-vm)
+	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
 
 lint: setup ## ruff format check and lint
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
@@ -84,13 +100,17 @@ compress: setup ## prune CKPT with METHOD to TARGET sparsity (magnitude|iks) or 
 bench-prune: setup ## print PSNR and step time of dense, magnitude and IKS at 50/80/90% (a benchmark, ~30 min)
 	$(PY) benchmarks/prune_tradeoff.py --checkpoint $(CKPT) --steps $(STEPS) --jobs 2 --out $(OUT)/bench-prune $(BENCH_ARGS)
 
-convert: setup ## convert CKPT (default OUT/pruned/model.pt if it exists) to FORMATS at TILE, into OUT/convert
-	$(PY) -m convert --checkpoint $(if $(wildcard $(OUT)/pruned/model.pt),$(OUT)/pruned/model.pt,$(CKPT)) \
-		--formats $(FORMATS) --tile $(TILE) --out $(OUT)/convert
+# CKPT given (command line or environment) wins; left at its default, OUT/pruned/model.pt is used if it exists.
+# TILE is passed only when given, so a .pt2 exported with a static input keeps its own size.
+CONVERT_CKPT = $(if $(filter file,$(origin CKPT)),$(or $(wildcard $(OUT)/pruned/model.pt),$(CKPT)),$(CKPT))
+convert: setup ## convert CKPT (.pt or .pt2; default OUT/pruned/model.pt if it exists) to FORMATS x PRECISION, into OUT/convert
+	@mkdir -p $(OUT)
+	$(PY) -m convert --checkpoint $(CONVERT_CKPT) --formats $(FORMATS) --precision $(PRECISION) \
+		$(if $(filter file,$(origin TILE)),,--tile $(TILE)) --out $(OUT)/convert
 
 bench: setup ## bench ARTIFACTS on TARGETS against BUDGETS, report into OUT
 	$(PY) -m device_bench bench $(ARTIFACTS) --targets $(TARGETS) --test-set $(TEST_SET) \
-		$(if $(BUDGETS),--budgets $(BUDGETS),) --out $(OUT)
+		$(if $(TARGETS_FILE),--targets-file $(TARGETS_FILE),) $(if $(BUDGETS),--budgets $(BUDGETS),) --out $(OUT)
 
 report: setup ## re-render OUT/report.md and the plot from OUT/report.json
 	$(PY) -m device_bench report $(OUT)
@@ -98,3 +118,10 @@ report: setup ## re-render OUT/report.md and the plot from OUT/report.json
 clean: ## remove runs/ and caches (keeps the venvs; `rm -rf .venv .venv-device` for those)
 	rm -rf runs .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './.venv*' -exec rm -rf {} +
+
+.PHONY: pi-vm pi-vm-stop
+pi-vm: ## build (once, ~4 min, root) and boot the arm64 Raspberry Pi stand-in VM; ssh on 127.0.0.1:2226, .pi/targets.yaml
+	scripts/pi_vm.sh start
+
+pi-vm-stop: ## power the arm64 stand-in VM off
+	scripts/pi_vm.sh stop
