@@ -51,7 +51,9 @@ def bench_args(model: Path, pi: PiVM, out: Path, photos: Path, targets: str, run
     ]  # fmt: skip
 
 
-def test_both_runtimes_in_the_vm_match_the_local_outputs_to_float_rounding(vm: PiVM, photos, tiny_tflite, tmp_path) -> None:
+def test_both_runtimes_in_the_vm_match_the_local_outputs_to_float_rounding(
+    vm: PiVM, photos, tiny_tflite, tmp_path
+) -> None:
     model, _ = tiny_tflite
     out = tmp_path / "out"
     t0 = time.monotonic()
