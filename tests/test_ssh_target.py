@@ -310,10 +310,7 @@ def test_runner_killed_on_the_device_is_reported(sshd, photos, tiny_tflite, tmp_
     model, _ = tiny_tflite
     job = make_job(tmp_path / "job", model, photos, runs=10_000_000)
     target = ssh_target(sshd)
-    caught: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _capture(caught, target.run, job))
-    thread.start()
-    wait_for(lambda: remote_runner_pids(sshd))
+    thread, caught = _run_until_runner_starts(sshd, target, job)
     time.sleep(1)
     for pid in remote_runner_pids(sshd):
         os.kill(pid, signal.SIGKILL)  # what the OOM killer does
@@ -328,10 +325,7 @@ def test_connection_dropped_mid_run_fails_fast(sshd, photos, tiny_tflite, tmp_pa
     model, _ = tiny_tflite
     job = make_job(tmp_path / "job", model, photos, runs=10_000_000)
     target = ssh_target(sshd)
-    caught: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _capture(caught, target.run, job))
-    thread.start()
-    wait_for(lambda: remote_runner_pids(sshd))
+    thread, caught = _run_until_runner_starts(sshd, target, job)
     runners = remote_runner_pids(sshd)
     t0 = time.monotonic()
     for pid in sshd.session_pids():  # the server side of our connection goes away, as when a device drops off
@@ -346,6 +340,15 @@ def test_connection_dropped_mid_run_fails_fast(sshd, photos, tiny_tflite, tmp_pa
             pass
     assert len(caught) == 1 and isinstance(caught[0], TargetFailed), caught
     assert "connection dropped" in str(caught[0]), caught[0]
+
+
+def _run_until_runner_starts(sshd, target, job) -> tuple[threading.Thread, list[BaseException]]:
+    """Start `target.run(job)` in a thread and return once the runner process exists on the device."""
+    caught: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(caught, target.run, job))
+    thread.start()
+    wait_for(lambda: remote_runner_pids(sshd))
+    return thread, caught
 
 
 def _capture(caught: list[BaseException], fn, *args) -> None:
