@@ -6,13 +6,17 @@ size figures do not depend on accuracy) and each format's artifacts are built an
 
 - file bytes; conv weight bytes (values + index vectors + quantization scales/zero points of the conv filters);
 - bound bytes: the non-zeros at the file's value width plus 1 bit per weight (a bitmask encoding);
-- ratio to the bound; and the size a reference tool gives for the same dense file (TFLite: TensorFlow's own
-  sparsifier `mlir_sparsify`, the pass behind `Optimize.EXPERIMENTAL_SPARSITY`), with our ratio to it.
+- ratio to the bound; and the size a reference tool gives for the same model, with our ratio to it. TFLite:
+  TensorFlow's own sparsifier `mlir_sparsify` (the pass behind `Optimize.EXPERIMENTAL_SPARSITY`) on our dense
+  file. Core ML: coremltools' own `prune_weights` with its defaults (then its joint int8 quantizer or n-bit
+  palettizer with their defaults) on the same converted program.
 
 TFLite's sparse format stores at least one index byte per stored non-zero (uint8 is its narrowest index type),
 so at low sparsity or narrow values (int8) no TFLite encoding can reach the bitmask bound; the table shows how far.
+Core ML stores a 1-bit mask (constexpr_sparse_to_dense), so its files come within header bytes of the bound.
 
-    python benchmarks/sparse_encoding.py --out runs/bench-sparse        # 50/80/90 %, all TFLite precisions
+    python benchmarks/sparse_encoding.py --out runs/bench-sparse        # 50/80/90 %, TFLite and Core ML
+    python benchmarks/sparse_encoding.py --formats coreml --precisions fp32,lut4 --sparsities 0.8
 
 Writes --out/sparse_encoding.{json,md}. It asserts nothing; it prints figures.
 """
@@ -45,8 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints/edsr-tiny-x2/model.pt")
     p.add_argument("--out", type=Path, default=REPO / "runs/bench-sparse")
     p.add_argument("--sparsities", default="0.5,0.8,0.9", help="comma list of sparsities (default 0.5,0.8,0.9)")
-    p.add_argument("--formats", default="tflite", help="comma list of formats (default tflite)")
-    p.add_argument("--precisions", default="", help="comma list (default: every precision of each format)")
+    p.add_argument("--formats", default="tflite,coreml", help="comma list of formats (default tflite,coreml)")
+    p.add_argument(
+        "--precisions",
+        default="",
+        help="comma list, each applied to the formats that have it (default: every TFLite precision; Core ML "
+        + ", ".join(COREML_DEFAULT_PRECISIONS)
+        + ")",
+    )
     p.add_argument("--tile", type=int, default=48, help="LR tile side of the files (default 48)")
     return p.parse_args(argv)
 
@@ -58,7 +68,9 @@ def pruned_model(checkpoint: Path, sparsity: float) -> nn.Module:
     return model.eval()
 
 
-def tflite_rows(model: nn.Module, precisions: list[str], tile: int, scale: int) -> list[dict[str, Any]]:
+def tflite_rows(
+    model: nn.Module, sparsity: float, precisions: list[str], tile: int, scale: int
+) -> list[dict[str, Any]]:
     """TFLite: dense and sparse files per precision, and `mlir_sparsify` on the same dense file."""
     from convert import parity
     from convert.calibration import calibration_patches
@@ -70,7 +82,7 @@ def tflite_rows(model: nn.Module, precisions: list[str], tile: int, scale: int) 
     calibration = calibration_patches(tile)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for precision in precisions or TFLITE_PRECISIONS:
+        for precision in [q for q in precisions if q in TFLITE_PRECISIONS] if precisions else TFLITE_PRECISIONS:
             staging = Path(tmp) / precision
             staging.mkdir()
             artifacts, skipped = tflite_artifacts(model, staging, precision, tile, 0.0, x, reference, calibration)
@@ -84,8 +96,68 @@ def tflite_rows(model: nn.Module, precisions: list[str], tile: int, scale: int) 
     return rows
 
 
-# One function per format; each returns table rows (see `_row`). The Core ML part plugs in here.
-FORMAT_ROWS: dict[str, Callable[[nn.Module, list[str], int, int], list[dict[str, Any]]]] = {"tflite": tflite_rows}
+COREML_DEFAULT_PRECISIONS = ("fp32", "fp16", "int8", "lut4")
+
+
+def coremltools_defaults(model: nn.Module, sparsity: float, precision: str, tile: int) -> Any:
+    """The Core ML cross-check: coremltools' own `prune_weights` (OpMagnitudePrunerConfig defaults, which skip
+    tensors under 2048 elements), then for int8 / lutN its own joint quantizer / palettizer with default
+    thresholds, on the same model and deployment target as ours."""
+    import coremltools.optimize.coreml as cto
+
+    from convert import coreml
+    from convert.coreml_artifacts import VALUE_BITS
+
+    if precision in ("fp32", "fp16"):
+        return coreml.coremltools_default_sparse(coreml.convert_coreml(model, tile, "iOS16", precision), sparsity)
+    pruned = coreml.coremltools_default_sparse(coreml.convert_coreml(model, tile, "iOS18"), sparsity)
+    types = coreml.PRUNED_OP_TYPES
+    if precision == "int8":
+        config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", granularity="per_channel")
+        return cto.linear_quantize_weights(
+            pruned, cto.OptimizationConfig(op_type_configs=dict.fromkeys(types, config)), joint_compression=True
+        )
+    config = cto.OpPalettizerConfig(mode="kmeans", nbits=VALUE_BITS[precision], granularity="per_tensor")
+    return cto.palettize_weights(
+        pruned, cto.OptimizationConfig(op_type_configs=dict.fromkeys(types, config)), joint_compression=True
+    )
+
+
+def coreml_rows(
+    model: nn.Module, sparsity: float, precisions: list[str], tile: int, scale: int
+) -> list[dict[str, Any]]:
+    """Core ML: dense and sparse packages per precision (verified by the MIL executor), and coremltools' defaults."""
+    from convert import coreml, parity
+    from convert.coreml_artifacts import COREML_PRECISIONS, coreml_artifacts
+
+    x = parity.parity_tile(tile, scale)
+    reference = parity.torch_output(model, x)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in [q for q in precisions if q in COREML_PRECISIONS] if precisions else COREML_DEFAULT_PRECISIONS:
+            staging = Path(tmp) / precision
+            staging.mkdir()
+            artifacts, skipped = coreml_artifacts(model, staging, precision, tile, 0.0, x, reference, scale)
+            if skipped and not artifacts:
+                log.warning("coreml %s skipped: %s", precision, skipped[0]["reason"])
+                continue
+            theirs_path = coreml.save_mlpackage(
+                coremltools_defaults(model, sparsity, precision, tile), staging / "coremltools-default.mlpackage"
+            )
+            theirs = coreml.mlpackage_stats(theirs_path)
+            for a in artifacts:
+                a = {**a, "parity": {**a["parity"], "verified_with": {"delegate": "mil_exec"}}}
+                rows.append(
+                    _row(a, "coremltools defaults", theirs.size_bytes, theirs.weight_bytes, theirs.sparse_tensors)
+                )
+    return rows
+
+
+# One function per format; each returns table rows (see `_row`).
+FORMAT_ROWS: dict[str, Callable[[nn.Module, float, list[str], int, int], list[dict[str, Any]]]] = {
+    "tflite": tflite_rows,
+    "coreml": coreml_rows,
+}
 
 
 def _row(a: dict[str, Any], tool: str, tool_file: int, tool_weights: int, tool_sparse: int) -> dict[str, Any]:
@@ -115,6 +187,7 @@ def _row(a: dict[str, Any], tool: str, tool_file: int, tool_weights: int, tool_s
 
 COLUMNS = (
     ("sparsity", "sparsity", "{:.0%}"),
+    ("format", "format", "{}"),
     ("file", "artifact", "{}"),
     ("file_bytes", "file B", "{:,}"),
     ("weight_bytes", "conv weights B", "{:,}"),
@@ -130,8 +203,8 @@ COLUMNS = (
 )
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """Counts over the sparse rows: within 1.05 x bound; at most the cross-check tool's size.
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per format, counts over the sparse rows: within 1.05 x bound; at most the cross-check tool's size.
 
     "At most the cross-check" holds on file bytes and on weight bytes counting each sparse tensor's flatbuffer
     tables (`SPARSE_TENSOR_OVERHEAD_BYTES`): TF encodes tensors whose data saving is smaller than those tables
@@ -139,18 +212,22 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, int]:
     """
     from convert.sparse_tflite import SPARSE_TENSOR_OVERHEAD_BYTES as tables
 
-    sparse = [r for r in rows if r["encoding"] == "sparse"]
-    return {
-        "sparse_rows": len(sparse),
-        f"within_{BOUND_SLACK}x_bound": sum(r["ratio_to_bound"] <= BOUND_SLACK for r in sparse),
-        "weight_bytes_at_most_crosscheck": sum(r["weight_bytes"] <= r["crosscheck_weight_bytes"] for r in sparse),
-        "weight_bytes_with_tables_at_most_crosscheck": sum(
-            r["weight_bytes"] + tables * r["sparse_tensors"]
-            <= r["crosscheck_weight_bytes"] + tables * r["crosscheck_sparse_tensors"]
-            for r in sparse
-        ),
-        "file_at_most_crosscheck": sum(r["file_bytes"] <= r["crosscheck_file_bytes"] for r in sparse),
-    }
+    out = {}
+    for fmt in sorted({r["format"] for r in rows}):
+        sparse = [r for r in rows if r["encoding"] == "sparse" and r["format"] == fmt]
+        out[fmt] = {
+            "sparse_rows": len(sparse),
+            f"within_{BOUND_SLACK}x_bound": sum(r["ratio_to_bound"] <= BOUND_SLACK for r in sparse),
+            "weight_bytes_at_most_crosscheck": sum(r["weight_bytes"] <= r["crosscheck_weight_bytes"] for r in sparse),
+            "file_at_most_crosscheck": sum(r["file_bytes"] <= r["crosscheck_file_bytes"] for r in sparse),
+        }
+        if fmt == "tflite":
+            out[fmt]["weight_bytes_with_tables_at_most_crosscheck"] = sum(
+                r["weight_bytes"] + tables * r["sparse_tensors"]
+                <= r["crosscheck_weight_bytes"] + tables * r["crosscheck_sparse_tensors"]
+                for r in sparse
+            )
+    return out
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -176,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     for sparsity in sparsities:
         model = pruned_model(args.checkpoint, sparsity)
         for fmt in formats:
-            for row in FORMAT_ROWS[fmt](model, precisions, args.tile, model.config.scale):
+            for row in FORMAT_ROWS[fmt](model, sparsity, precisions, args.tile, model.config.scale):
                 rows.append({"sparsity": sparsity, **row})
                 print(" ".join(f"{h}={f.format(rows[-1][k])}" for k, h, f in COLUMNS), flush=True)
     summary = summarize(rows)

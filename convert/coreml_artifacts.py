@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from convert import coreml, mil_exec, parity
+from convert.weight_bound import bound_bytes
 from edgesr.errors import CheckFailed
 from edgesr.manifest import sha256, size_bytes
 from edgesr.metrics import psnr_float
@@ -87,11 +88,6 @@ class Built:
 def file_name(encoding: str, precision: str) -> str:
     """dense.mlpackage / sparse.mlpackage for fp32 (names the demo relies on), else e.g. sparse-lut4.mlpackage."""
     return f"{encoding}.mlpackage" if precision == "fp32" else f"{encoding}-{precision}.mlpackage"
-
-
-def bound_bytes(conv_weights: int, nonzeros: int, value_bits: int) -> int:
-    """Reference size of the conv weights: non-zeros at the precision's value width plus 1 bit per weight."""
-    return math.ceil(nonzeros * value_bits / 8) + math.ceil(conv_weights / 8)
 
 
 def _build(model: nn.Module, precision: str, tile: int, sparse_min: float) -> list[Built]:
@@ -263,7 +259,7 @@ def _artifact(built: Built, path: Path, precision: str, sparse_min: float, tile:
             "nonzeros": stats.nonzeros,
             "sparse_tensors": stats.sparse_tensors,
             "weight_bytes": stats.weight_bytes,
-            "bound_bytes": bound_bytes(stats.conv_weights, stats.nonzeros, VALUE_BITS[precision]),
+            "bound_bytes": bound_bytes(stats.conv_weights, stats.nonzeros * VALUE_BITS[precision]),
             "inline_tensors": stats.inline_tensors,
         },
         "io": {

@@ -144,16 +144,6 @@ def check_tflite(
     return record, output
 
 
-def bound_bytes(conv_weights: int, nonzeros: int) -> int:
-    """Reference size of the conv weights: fp32 non-zeros plus a 1-bit-per-weight mask."""
-    return nonzeros * 4 + math.ceil(conv_weights / 8)
-
-
-def bound_bytes_at(conv_weights: int, nonzero_value_bytes: int) -> int:
-    """Reference size of conv weights at any precision: the non-zeros' bytes plus a 1-bit-per-weight mask."""
-    return nonzero_value_bytes + math.ceil(conv_weights / 8)
-
-
 def _runtime_version() -> str:
     import importlib.metadata
 

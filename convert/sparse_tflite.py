@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from dataclasses import dataclass
 
 import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
+
+from convert.weight_bound import bound_bytes
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ def conv_filter_stats(data: bytes) -> SparseStats:
             weights += n
             nonzeros += nnz
             value_bytes += nnz * VALUE_BYTES[t.type]
-    return SparseStats(sparse, weights, nonzeros, weight_bytes, value_bytes + math.ceil(weights / 8))
+    return SparseStats(sparse, weights, nonzeros, weight_bytes, bound_bytes(weights, 8 * value_bytes))
 
 
 def _densify_opcode(model: schema.ModelT) -> int:

@@ -19,6 +19,7 @@ from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
 from conftest import REPO
 from convert import coreml, coreml_artifacts, mil_exec, parity
 from convert.coreml_artifacts import COREML_PRECISIONS, TOLERANCES, Tolerance
+from convert.weight_bound import bound_bytes
 from edgesr.datasets import load_test_set
 from edgesr.errors import CheckFailed
 from edgesr.images import quantize_uint8
@@ -175,7 +176,7 @@ def test_sparse_bytes_vs_bound_and_coremltools_default(sparsity, tmp_path):
     theirs = coreml.mlpackage_stats(
         coreml.save_mlpackage(coreml.coremltools_default_sparse(dense, sparsity), tmp_path / "t.mlpackage")
     )
-    bound = coreml_artifacts.bound_bytes(ours.conv_weights, ours.nonzeros, 32)
+    bound = bound_bytes(ours.conv_weights, ours.nonzeros * 32)
     ratio = ours.weight_bytes / bound
     print(
         f"\n{sparsity:.0%}: conv weights {ours.conv_weights}, non-zeros {ours.nonzeros}, sparse weight bytes "
