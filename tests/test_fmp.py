@@ -206,15 +206,17 @@ def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
             z.copy_(torch.rand(z.shape, generator=gen) * (torch.rand(z.shape, generator=gen) < 0.5))
         for h in search.hyper.values():  # about 40 % of the indicators at 0
             h.U.copy_(torch.rand(h.U.shape, generator=gen) * (torch.rand(h.U.shape, generator=gen) > 0.4))
+    before = {n: h.U.detach().clone() for n, h in search.hyper.items()}
     search.step(1, 0.0)
     assert search.channels_locked_at == 1 and search.weights_locked_at == 1 and search.done()
     entry = search.trace[-1]
     # The cut sits at the targets: channels refilled up to the budget, exactly 30 % of the weights dead.
     assert 0.45 < entry["params_fraction"] <= 0.5
     assert 0.3 <= entry["weight_sparsity"] < 0.3 + 1e-3
-    # The indicators became the binary mask: survivors undamped (the 40 % at U = 0 included), the cut ones 0.
-    for h in search.hyper.values():
-        assert torch.equal(h.U, h.weight_mask.to(h.U.dtype))
+    # The cut ones are 0 and lowest-U first (all of them were at U = 0 already); survivors keep their U.
+    for n, h in search.hyper.items():
+        assert torch.equal(h.U, before[n] * h.weight_mask)
+        assert not before[n][~h.weight_mask].any()
     with torch.no_grad():
         searched = model(butterfly)
         compact = search.materialize()
