@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=WEIGHTS_FROM,
         help="when the weight indicators start: once the channels lock (default, staged) or at the first step (joint)",
     )
+    f.add_argument(
+        "--no-rewind",
+        action="store_true",
+        help="staged: keep the net as the indicator phase left it (damped survivors) instead of rewinding it to the "
+        "channel lock with the chosen weight mask",
+    )
     f.add_argument("--check-every", type=int, default=None, help="steps between mask checks (default steps/40)")
     f.add_argument("--embedding-dim", type=int, default=8, help="hypernetwork embedding size m (DHP: 8)")
     f.add_argument("--init", default="pretrained", choices=INITS, help="hypernetwork init (default pretrained)")
@@ -219,6 +225,7 @@ def _channel_prune(
                 lambda_weight=lambda_weight,
                 indicator_lr=args.indicator_lr or 0.0,
                 weights_from=args.weights_from,
+                rewind=not args.no_rewind,
                 check_every=args.check_every or max(1, args.steps // 40),
                 search_fraction=args.search_fraction,
                 init=args.init,

@@ -198,7 +198,7 @@ def test_prox_is_the_soft_threshold_and_groups_keep_min_channels():
 
 def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
     model = tiny("edsr")
-    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1)
+    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, rewind=False)
     search = FMPSearch(model, config, total_steps=100)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -223,6 +223,39 @@ def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
         out = compact(butterfly)
     assert (out - searched).abs().max() < 1e-5
     assert search.report["forced"] is False and search.report["weight_masks"] == "locked by the search"
+
+
+def test_rewind_restores_the_channel_lock_state_and_undamps_survivors(butterfly):
+    model = tiny("edsr")
+    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1)
+    search = FMPSearch(model, config, total_steps=100)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for z in search.vectors.z.values():
+            z.copy_(torch.rand(z.shape, generator=gen) * (torch.rand(z.shape, generator=gen) < 0.5))
+    search.step(1, 0.0)  # channels lock; the indicators are all 1, so the weights do not
+    assert search.channels_locked_at == 1 and search.weights_locked_at is None
+    at_lock = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # what the indicator phase does: other parameters adapt, indicators decay
+        model.head[0].bias.add_(1.0)
+        for h in search.hyper.values():
+            h.B0.add_(0.1)
+            h.U.copy_(torch.rand(h.U.shape, generator=gen) * (torch.rand(h.U.shape, generator=gen) > 0.4))
+    decayed = {n: h.U.detach().clone() for n, h in search.hyper.items()}
+    search.step(2, 0.0)  # checked at once (indicator phase): 40 % at U = 0, so the weights lock
+    assert search.weights_locked_at == 2 and search.done()
+    state = model.state_dict()
+    for k, v in at_lock.items():
+        if k.rpartition(".")[2] not in ("U", "weight_mask"):
+            assert torch.equal(state[k], v), k
+    for n, h in search.hyper.items():
+        assert torch.equal(h.U, h.weight_mask.to(h.U.dtype))  # survivors undamped, the cut ones 0
+        assert not decayed[n][~h.weight_mask].any()  # and the cut ones are among the lowest U
+    assert 0.3 <= search.trace[-1]["weight_sparsity"] < 0.3 + 1e-3
+    with torch.no_grad():
+        searched = model(butterfly)
+        out = search.materialize()(butterfly)
+    assert (out - searched).abs().max() < 1e-5
 
 
 def test_run_fmp_meets_both_targets_and_round_trips(tmp_path, photos, butterfly):
