@@ -64,9 +64,10 @@ Our choices where the paper is silent (or only its reviews describe it):
   columns, so the searching net computes what the compact net will. The L1 on U runs only while the weight
   sparsity is below its target. Once channels are locked and the target is met, the weight masks lock with
   exactly the target's share dead: the lowest U over all hypernetwork convs, ties by the smaller |W|; dead U are
-  set to 0 and survivors keep theirs, so the locked net computes what the search computed. Indicators die in
-  cohorts (they all start at 1 under the same decay), so once the channels are locked the weight sparsity is
-  checked every step and the cut placed exactly at the target. The search ends when both parts are locked, or
+  set to 0 and survivors keep theirs (then `rewind`, below). Indicators die in cohorts (they all start at 1 under
+  the same decay), so at the lock more than the target's share may sit at U = 0; |W| then decides among them.
+  Checking every step instead (a lock right as the first 30 % reach 0) cut what the indicator noise picked and
+  lost 0.9 dB (32.21 against 33.11, edsr-tiny x2, 2000 steps). The search ends when both parts are locked, or
   after `search_fraction` of the steps. The remaining steps fine-tune the compact net with a fresh Adam and
   schedule (DHP: search, then fine-tune).
 * Forcing. If the search runs out first, `materialize` forces whatever is still missing. Channels go in global
@@ -482,10 +483,7 @@ class FMPSearch(Pruner):
         self.steps_made = step
         if step >= self.budget_steps:
             self.exhausted = True
-        # While only the indicators are still searching, check every step: they die in cohorts, and a lock
-        # check_every steps late would find far more than the target at 0 and the survivors damped further.
-        weights_searching = self.channels_locked_at is not None and self.weights_locked_at is None and self.u_lr > 0
-        if step % self.config.check_every == 0 or self.exhausted or weights_searching:
+        if step % self.config.check_every == 0 or self.exhausted:
             self._check(step)
 
     @torch.no_grad()
