@@ -344,10 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_targets(args)  # before any work, and before <out> exists
     images = [img for _, img in load_training_images(args.data)]
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    if args.command == "train":
-        import torch
+    import torch
 
-        torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # model init (train) and pruner init (FMP's w1): same seed, same run
+    if args.command == "train":
         model = create_model(args.model, scale=args.scale)
         sampler = PatchSampler(images, args.scale, cfg.lr_patch, cfg.batch_size, cfg.seed)
         run = train(model, sampler, cfg, args.out, resume=not args.no_resume)
