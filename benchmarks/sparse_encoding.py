@@ -68,6 +68,11 @@ def pruned_model(checkpoint: Path, sparsity: float) -> nn.Module:
     return model.eval()
 
 
+def _chosen(asked: list[str], known: tuple[str, ...], default: tuple[str, ...]) -> list[str]:
+    """The asked precisions this format has, or its default set when none were asked."""
+    return [q for q in asked if q in known] if asked else list(default)
+
+
 def tflite_rows(
     model: nn.Module, sparsity: float, precisions: list[str], tile: int, scale: int
 ) -> list[dict[str, Any]]:
@@ -82,7 +87,7 @@ def tflite_rows(
     calibration = calibration_patches(tile)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for precision in [q for q in precisions if q in TFLITE_PRECISIONS] if precisions else TFLITE_PRECISIONS:
+        for precision in _chosen(precisions, TFLITE_PRECISIONS, TFLITE_PRECISIONS):
             staging = Path(tmp) / precision
             staging.mkdir()
             artifacts, skipped = tflite_artifacts(model, staging, precision, tile, 0.0, x, reference, calibration)
@@ -134,7 +139,7 @@ def coreml_rows(
     reference = parity.torch_output(model, x)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for precision in [q for q in precisions if q in COREML_PRECISIONS] if precisions else COREML_DEFAULT_PRECISIONS:
+        for precision in _chosen(precisions, COREML_PRECISIONS, COREML_DEFAULT_PRECISIONS):
             staging = Path(tmp) / precision
             staging.mkdir()
             artifacts, skipped = coreml_artifacts(model, staging, precision, tile, 0.0, x, reference, scale)
