@@ -728,7 +728,7 @@ class FMPSearch(Pruner):
                 "channel_lr_used": self.z_lr,
                 "search_lr_scale_used": search_lr_scale(self.config),
                 "indicator_update": "SGD at indicator_lr on task loss + lambda_weight * sum|U|, U projected on [0, 1]",
-                "indicator_lr_used": self.u_lr,
+                "indicator_lr_used": self.u_lr if self.u_opt is not None else None,
             },
             "trace": copy.deepcopy(self.trace),
         }
