@@ -30,7 +30,7 @@ from compress.evaluate import evaluate, evaluate_bicubic, model_stats, validator
 from compress.models import create_model, list_models, model_spec
 from compress.pruning.base import Pruner
 from compress.pruning.channel_l1 import run_channel_l1
-from compress.pruning.fmp import INITS, WEIGHTS_FROM, FMPConfig, run_fmp
+from compress.pruning.fmp import INITS, WEIGHT_SCORES, WEIGHTS_FROM, FMPConfig, run_fmp
 from compress.pruning.iks import GATES, GRANULARITIES, IKSConfig, IKSPruner
 from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
 from compress.train import TrainConfig, is_main_process, train
@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="when the weight indicators start: once the channels lock (default, staged) or at the first step (joint)",
     )
     f.add_argument(
+        "--weight-score",
+        default="mean-u-abs-w",
+        choices=WEIGHT_SCORES,
+        help="which weights the weight lock cuts: lowest mean indicator over the indicator phase x |W| (default) "
+        "or lowest indicator",
+    )
+    f.add_argument(
         "--no-rewind",
         action="store_true",
         help="staged: keep the net as the indicator phase left it (damped survivors) instead of rewinding it to the "
@@ -226,6 +233,7 @@ def _channel_prune(
                 indicator_lr=args.indicator_lr or 0.0,
                 weights_from=args.weights_from,
                 rewind=not args.no_rewind,
+                weight_score=args.weight_score,
                 check_every=args.check_every or max(1, args.steps // 40),
                 search_fraction=args.search_fraction,
                 init=args.init,

@@ -208,15 +208,20 @@ def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
             h.U.copy_(torch.rand(h.U.shape, generator=gen) * (torch.rand(h.U.shape, generator=gen) > 0.4))
     before = {n: h.U.detach().clone() for n, h in search.hyper.items()}
     search.step(1, 0.0)
+    score = {n: before[n] * h.generate().detach().abs() for n, h in search.hyper.items()}  # U x |W| at the lock
     assert search.channels_locked_at == 1 and search.weights_locked_at == 1 and search.done()
     entry = search.trace[-1]
     # The cut sits at the targets: channels refilled up to the budget, exactly 30 % of the weights dead.
     assert 0.45 < entry["params_fraction"] <= 0.5
     assert 0.3 <= entry["weight_sparsity"] < 0.3 + 1e-3
-    # The cut ones are 0 and lowest-U first (all of them were at U = 0 already); survivors keep their U.
+    # The cut ones are 0 and the lowest U x |W| over all layers went first; survivors keep their U.
+    dead, alive = [], []
     for n, h in search.hyper.items():
         assert torch.equal(h.U, before[n] * h.weight_mask)
-        assert not before[n][~h.weight_mask].any()
+        region = (h.out_mask[:, None, None, None] & h.in_mask[None, :, None, None]).expand(h.shape)
+        dead.append(score[n][~h.weight_mask])
+        alive.append(score[n][h.weight_mask & region])
+    assert torch.cat(dead).max() <= torch.cat(alive).min()
     with torch.no_grad():
         searched = model(butterfly)
         compact = search.materialize()
@@ -250,7 +255,7 @@ def test_rewind_restores_the_channel_lock_state_and_undamps_survivors(butterfly)
             assert torch.equal(state[k], v), k
     for n, h in search.hyper.items():
         assert torch.equal(h.U, h.weight_mask.to(h.U.dtype))  # survivors undamped, the cut ones 0
-        assert not decayed[n][~h.weight_mask].any()  # and the cut ones are among the lowest U
+        assert not (decayed[n] * h.generate().detach().abs())[~h.weight_mask].any()  # the lowest U x |W| went
     assert 0.3 <= search.trace[-1]["weight_sparsity"] < 0.3 + 1e-3
     with torch.no_grad():
         searched = model(butterfly)

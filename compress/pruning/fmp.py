@@ -63,11 +63,14 @@ Our choices where the paper is silent (or only its reviews describe it):
   back in descending |z| while the budget holds. The prox then stops and the gates zero the pruned rows and
   columns, so the searching net computes what the compact net will. The L1 on U runs only while the weight
   sparsity is below its target. Once channels are locked and the target is met, the weight masks lock with
-  exactly the target's share dead: the lowest U over all hypernetwork convs, ties by the smaller |W|; dead U are
-  set to 0 and survivors keep theirs (then `rewind`, below). Indicators die in cohorts (they all start at 1 under
-  the same decay), so at the lock more than the target's share may sit at U = 0; |W| then decides among them.
-  Checking every step instead (a lock right as the first 30 % reach 0) cut what the indicator noise picked and
-  lost 0.9 dB (32.21 against 33.11, edsr-tiny x2, 2000 steps). The search ends when both parts are locked, or
+  exactly the target's share dead, lowest score first over all hypernetwork convs (`weight_score`): by default
+  the indicator's mean over the indicator phase times the generated |W|, ties by |W|; "u" ranks by U alone. Dead
+  U are set to 0 and survivors keep theirs (then `rewind`, below). Why the mean and the magnitude: at the default
+  lambda_W the indicator lr is ~50, so U moves in large noisy steps and dies in cohorts (they all start at 1 under
+  the same decay); which 30 % sit at 0 at one step is largely noise, and cutting exactly those lost 0.9 dB
+  (checked every step: 32.21 against 33.11 dB when a 50-step check cadence let |W| decide among a larger U = 0
+  cohort; edsr-tiny x2, 2000 steps). The mean keeps U's evidence, |W| keeps what matters to the output. The
+  search ends when both parts are locked, or
   after `search_fraction` of the steps. The remaining steps fine-tune the compact net with a fresh Adam and
   schedule (DHP: search, then fine-tune).
 * Forcing. If the search runs out first, `materialize` forces whatever is still missing. Channels go in global
@@ -132,6 +135,7 @@ from edgesr.errors import CheckFailed
 log = logging.getLogger(__name__)
 INITS = ("pretrained", "scratch")
 WEIGHTS_FROM = ("channel-lock", "start")
+WEIGHT_SCORES = ("mean-u-abs-w", "u")
 VECTORS = "fmp_channel_vectors"  # the model attribute holding the channel vectors during the search
 
 
@@ -148,6 +152,7 @@ class FMPConfig:
     indicator_lr: float = 0.0  # SGD lr of the indicators (constant); 0 = 2 / (lambda_W * search steps they get)
     weights_from: str = "channel-lock"  # when the indicators start: "channel-lock" (staged) or "start" (joint)
     rewind: bool = True  # staged: at the weight lock, the net goes back to its channel-lock state, U to the mask
+    weight_score: str = "mean-u-abs-w"  # the cut: lowest mean U over the indicator phase x |W|, or lowest U ("u")
     channel_threshold: float = 5e-3  # T (DHP)
     weight_threshold: float = 5e-3  # T_w
     min_channels: int = 4  # no group below min(min_channels, size) (DHP)
@@ -172,6 +177,8 @@ class FMPConfig:
             raise ValueError("FMP channel_threshold and weight_threshold must be > 0")
         if self.indicator_lr < 0:
             raise ValueError(f"FMP indicator_lr must be >= 0, got {self.indicator_lr}")
+        if self.weight_score not in WEIGHT_SCORES:
+            raise ValueError(f"FMP weight_score must be one of {', '.join(WEIGHT_SCORES)}, got {self.weight_score!r}")
         if self.weights_from not in WEIGHTS_FROM:
             raise ValueError(f"FMP weights_from must be one of {', '.join(WEIGHTS_FROM)}, got {self.weights_from!r}")
         if not 0.0 < self.search_fraction < 1.0:
@@ -325,6 +332,8 @@ class FMPSearch(Pruner):
         self.steps_made = 0
         self.report: dict[str, Any] | None = None  # set by materialize
         self.rewind_state: dict[str, torch.Tensor] | None = None  # the net at the channel lock (staged + rewind)
+        self.u_sum: dict[str, torch.Tensor] = {}  # sum of U over the indicator steps (for the mean-U score)
+        self.u_steps = 0
         log.info(
             "FMP %s: %d hypernetwork convs, %d searched groups, %s target %.3f, weight sparsity %.3f, search <= %d",
             self.name,
@@ -441,6 +450,12 @@ class FMPSearch(Pruner):
         self.u_opt.step()
         for hyper in self.hyper.values():
             hyper.U.clamp_(0.0, 1.0)
+        if self.weights_locked_at is None:
+            for n, hyper in self.hyper.items():
+                if n not in self.u_sum:
+                    self.u_sum[n] = torch.zeros_like(hyper.U, requires_grad=False)
+                self.u_sum[n] += hyper.U.detach()
+            self.u_steps += 1
 
     def _calibrate(self) -> None:
         """lambda_C = the median over searched channels of the mean |dL/dz| seen so far (a channel whose gradient
@@ -547,10 +562,11 @@ class FMPSearch(Pruner):
 
     @torch.no_grad()
     def _cut_weights(self, keep: dict[int, torch.Tensor]) -> None:
-        """Weight masks inside the kept channels with exactly the target's share dead: the lowest U over all
-        hypernetwork convs (U share one scale: all start at 1 under the same decay), ties (U = 0) broken by the
-        smaller generated |W|. The dead indicators are set to 0; survivors keep their U, so the locked net computes
-        what the searching net computed minus the dead weights (which U had already shrunk).
+        """Weight masks inside the kept channels with exactly the target's share dead: the lowest scores over all
+        hypernetwork convs (`weight_score`: mean U over the indicator steps x generated |W|, or U; U share one
+        scale, all start at 1 under the same decay), ties broken by the smaller generated |W|. The dead indicators
+        are set to 0; survivors keep their U, so the locked net computes what the searching net computed minus the
+        dead weights (which U had already shrunk).
 
         Survivors are not reset to U = 1: while U decays the rest of the net (conv biases, the other layers'
         hypernetworks) adapts to the damped kernels, and undoing the damping at once multiplied every layer's
@@ -561,8 +577,13 @@ class FMPSearch(Pruner):
             out_keep, in_keep = (m.to(hyper.U.device) for m in masks[n])
             region = (out_keep[:, None, None, None] & in_keep[None, :, None, None]).expand(hyper.shape)
             regions[n] = region
-            us.append(hyper.U.detach()[region].cpu())
-            ws.append(hyper.generate().detach().abs()[region].cpu())
+            w = hyper.generate().detach().abs()
+            if self.config.weight_score == "mean-u-abs-w":
+                u = (self.u_sum[n] / self.u_steps if self.u_steps else hyper.U.detach()) * w
+            else:
+                u = hyper.U.detach()
+            us.append(u[region].cpu())
+            ws.append(w[region].cpu())
         u, w = torch.cat(us), torch.cat(ws)
         order = torch.sort(w, stable=True).indices
         order = order[torch.sort(u[order], stable=True).indices]
@@ -614,6 +635,8 @@ class FMPSearch(Pruner):
             "weights_locked_at": self.weights_locked_at,
             "l1_active": self.l1_active,
             "rewind_state": None if self.rewind_state is None else {k: v.cpu() for k, v in self.rewind_state.items()},
+            "u_sum": {n: v.cpu() for n, v in self.u_sum.items()},
+            "u_steps": self.u_steps,
             "exhausted": self.exhausted,
             "steps_made": self.steps_made,
         }
@@ -646,6 +669,8 @@ class FMPSearch(Pruner):
         rewind = state["rewind_state"]
         device = next(self.model.parameters()).device
         self.rewind_state = None if rewind is None else {k: v.to(device) for k, v in rewind.items()}
+        self.u_sum = {n: v.to(device) for n, v in state["u_sum"].items()}
+        self.u_steps = int(state["u_steps"])
 
     # -- after the search -----------------------------------------------------------------------------------
 
