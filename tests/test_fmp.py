@@ -423,6 +423,11 @@ def test_resume_reproduces_vectors_indicators_and_trace(tmp_path, photos):
     resumed_model, resumed = run(40, "b")
     assert resumed.trace == straight.trace and straight.channels_locked_at is not None, straight.trace[-2:]
     assert straight.weights_locked_at is not None and straight.steps_made < 36  # stopped when both locked
+    # the crash fell between the locks: the rewind snapshot and the indicator means came back from the state file
+    assert straight.channels_locked_at < 20 < straight.weights_locked_at, (
+        straight.channels_locked_at,
+        straight.weights_locked_at,
+    )
     assert resumed.steps_made == straight.steps_made
     for g in straight.searched:
         assert torch.allclose(straight.vectors.vector(g), resumed.vectors.vector(g), atol=1e-6)
