@@ -70,9 +70,8 @@ Our choices where the paper is silent (or only its reviews describe it):
   the same decay); which 30 % sit at 0 at one step is largely noise, and cutting exactly those lost 0.9 dB
   (checked every step: 32.21 against 33.11 dB when a 50-step check cadence let |W| decide among a larger U = 0
   cohort; edsr-tiny x2, 2000 steps). The mean keeps U's evidence, |W| keeps what matters to the output. The
-  search ends when both parts are locked, or
-  after `search_fraction` of the steps. The remaining steps fine-tune the compact net with a fresh Adam and
-  schedule (DHP: search, then fine-tune).
+  search ends when both parts are locked, or after `search_fraction` of the steps. The remaining steps fine-tune
+  the compact net with a fresh Adam and schedule (DHP: search, then fine-tune).
 * Forcing. If the search runs out first, `materialize` forces whatever is still missing. Channels go in global
   ascending |z|, one at a time with the budget re-counted, never below min_channels. Weights go per layer in
   ascending |W|; the search's own zeros stay, and every hypernetwork conv of the compact net ends at the target.
@@ -568,27 +567,28 @@ class FMPSearch(Pruner):
         are set to 0; survivors keep their U, so the locked net computes what the searching net computed minus the
         dead weights (which U had already shrunk).
 
-        Survivors are not reset to U = 1: while U decays the rest of the net (conv biases, the other layers'
-        hypernetworks) adapts to the damped kernels, and undoing the damping at once multiplied every layer's
-        output (x8 per conv at lambda_W = 1e-2, 1e7 at the output of edsr-tiny)."""
+        Survivors are not reset to U = 1 here: while U decays the rest of the net (conv biases, the other layers'
+        hypernetworks) adapts to the damped kernels, and undoing the damping alone multiplied every layer's output
+        (x8 per conv at lambda_W = 1e-2, 1e7 at the output of edsr-tiny). `_lock_weights` resets them together
+        with the rest of the net when it rewinds."""
         masks = group_masks_to_layer_masks(self.model, self.groups, keep)
-        regions, us, ws = {}, [], []
+        regions, scores, ws = {}, [], []
         for n, hyper in self.hyper.items():
             out_keep, in_keep = (m.to(hyper.U.device) for m in masks[n])
             region = (out_keep[:, None, None, None] & in_keep[None, :, None, None]).expand(hyper.shape)
             regions[n] = region
             w = hyper.generate().detach().abs()
             if self.config.weight_score == "mean-u-abs-w":
-                u = (self.u_sum[n] / self.u_steps if self.u_steps else hyper.U.detach()) * w
+                score = (self.u_sum[n] / self.u_steps if self.u_steps else hyper.U.detach()) * w
             else:
-                u = hyper.U.detach()
-            us.append(u[region].cpu())
+                score = hyper.U.detach()
+            scores.append(score[region].cpu())
             ws.append(w[region].cpu())
-        u, w = torch.cat(us), torch.cat(ws)
+        score, w = torch.cat(scores), torch.cat(ws)
         order = torch.sort(w, stable=True).indices
-        order = order[torch.sort(u[order], stable=True).indices]
-        dead = torch.zeros(u.numel(), dtype=torch.bool)
-        dead[order[: math.ceil(self.config.weight_sparsity * u.numel() - 1e-9)]] = True
+        order = order[torch.sort(score[order], stable=True).indices]
+        dead = torch.zeros(score.numel(), dtype=torch.bool)
+        dead[order[: math.ceil(self.config.weight_sparsity * score.numel() - 1e-9)]] = True
         start = 0
         for n, hyper in self.hyper.items():
             size = int(regions[n].sum())
