@@ -153,13 +153,9 @@ EOF
     say "built in $(($(now) - t0)) s"
 }
 
-write_targets() {
-    printf '[127.0.0.1]:%s %s\n' "$PORT" "$(cut -d' ' -f1-2 "$W/host_key.pub")" >"$W/known_hosts"
-    cat >"$W/targets.yaml.tmp" <<EOF
-# The arm64 VM stand-in (scripts/pi_vm.sh). Paths are relative to this file.
-# Emulated: outputs and memory are real, timings are not meaningful.
-targets:
-  pi-litert:
+target_entry() { # name runtime site-packages-dir: one ssh target of the stand-in
+    cat <<EOF
+  $1:
     type: ssh
     host: 127.0.0.1
     port: $PORT
@@ -167,25 +163,23 @@ targets:
     identity: key
     known_hosts: known_hosts
     python: python3
-    runtime: ai-edge-litert
-    env: {PYTHONPATH: /opt/litert}
-    timeout_s: 1800
-    connect_timeout_s: 10
-    emulated: true
-  pi-tflrt:
-    type: ssh
-    host: 127.0.0.1
-    port: $PORT
-    user: root
-    identity: key
-    known_hosts: known_hosts
-    python: python3
-    runtime: tflite-runtime
-    env: {PYTHONPATH: /opt/tflrt}
+    runtime: $2
+    env: {PYTHONPATH: $3}
     timeout_s: 1800
     connect_timeout_s: 10
     emulated: true
 EOF
+}
+
+write_targets() {
+    printf '[127.0.0.1]:%s %s\n' "$PORT" "$(cut -d' ' -f1-2 "$W/host_key.pub")" >"$W/known_hosts"
+    {
+        echo "# The arm64 VM stand-in (scripts/pi_vm.sh). Paths are relative to this file."
+        echo "# Emulated: outputs and memory are real, timings are not meaningful."
+        echo "targets:"
+        target_entry pi-litert ai-edge-litert /opt/litert
+        target_entry pi-tflrt tflite-runtime /opt/tflrt
+    } >"$W/targets.yaml.tmp"
     mv "$W/targets.yaml.tmp" "$W/targets.yaml"
 }
 
