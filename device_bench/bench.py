@@ -38,9 +38,9 @@ from device_bench import budgets as budgets_mod
 from device_bench import report as report_mod
 from device_bench.runner import RUNTIMES
 from device_bench.targets import LocalTarget, Target, make_targets
-from edgesr.datasets import SRPair, load_test_set
+from edgesr.datasets import SRPair, load_test_set, lr_degradation
 from edgesr.errors import BadInput, EdgesrError, TargetFailed
-from edgesr.images import quantize_uint8, save_png, to_float
+from edgesr.images import DEGRADATIONS, check_degradation, quantize_uint8, save_png, to_float
 from edgesr.manifest import MANIFEST_NAME, read_json, sha256, size_bytes, write_json
 from edgesr.metrics import mean_scores, sr_scores
 
@@ -57,6 +57,7 @@ class BenchConfig:
     targets: tuple[str, ...] = ("local",)
     budgets: Path | None = None
     test_set: str = "sporco"
+    degradation: str = "pillow"  # edgesr.images.DEGRADATIONS; DIV2K/BasicSR folders use their shipped LR files
     threads: int = 1
     warmup: int = 3
     runs: int = 20
@@ -85,6 +86,7 @@ class BenchConfig:
             raise BadInput(f"--runtime must be auto or one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if not self.targets:
             raise BadInput("--targets is empty")
+        check_degradation(self.degradation)
         if self.out.exists() and not self.out.is_dir():
             raise BadInput(f"{self.out}: --out exists and is not a folder")
         existing = next(p for p in (self.out.absolute(), *self.out.absolute().parents) if p.exists())
@@ -94,6 +96,7 @@ class BenchConfig:
     def settings(self) -> dict[str, Any]:
         return {
             "test_set": self.test_set,
+            "degradation": self.degradation,
             "threads": self.threads,
             "warmup": self.warmup,
             "runs": self.runs,
@@ -281,10 +284,22 @@ def score_outputs(result: dict[str, Any], out_dir: Path, pairs: list[SRPair], sc
     return per_image
 
 
-def make_row(a: Artifact, target: Target, result: dict[str, Any], per_image: dict[str, Any], test_set: str) -> dict:
+def make_row(
+    a: Artifact,
+    target: Target,
+    result: dict[str, Any],
+    per_image: dict[str, Any],
+    test_set: str,
+    degradation: str = "pillow",
+) -> dict:
     mean = mean_scores([{k: s[k] for k in ("psnr_y_db", "ssim_y")} for s in per_image.values()])
     torch_psnr = a.source.get("psnr_y_db")
     same_set = torch_psnr is not None and str(a.source.get("test_set")) == str(test_set)
+    if same_set:  # same images only if the LR was made the same way (a source without "degradation" used Pillow)
+        source_degradation = str(a.source.get("degradation") or "pillow")
+        same_set = source_degradation in DEGRADATIONS and lr_degradation(
+            test_set, a.scale, source_degradation
+        ) == lr_degradation(test_set, a.scale, degradation)
     lat = result["latency_ms"]
     memory = result.get("memory") or {}  # engines other than the runner may measure fewer phases
     delegate = result.get("delegate") or {}
@@ -490,7 +505,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     def test_set_for(scale: int) -> list[SRPair]:
         if scale not in pairs_by_scale:
-            pairs_by_scale[scale] = load_test_set(cfg.test_set, scale)
+            pairs_by_scale[scale] = load_test_set(cfg.test_set, scale, cfg.degradation)
             fingerprints[scale] = test_set_fingerprint(pairs_by_scale[scale])
         return pairs_by_scale[scale]
 
@@ -581,7 +596,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "name": str(cfg.test_set),
         "images": {str(s): [p.name for p in pairs] for s, pairs in pairs_by_scale.items()},
         "sha256": {str(s): fp for s, fp in fingerprints.items()},
-        "protocol": "Y (BT.601), border = scale, SR quantized to 8 bit, LR by Pillow bicubic",
+        "lr": {str(s): lr_degradation(cfg.test_set, s, cfg.degradation) for s in pairs_by_scale},
+        "protocol": "Y (BT.601), border = scale, SR quantized to 8 bit",
     }
     report = report_mod.build_report(
         rows, environment, cfg.settings(), test_set, skipped, budgets.to_dict(), failed_targets=failed_targets
@@ -615,7 +631,7 @@ def _measure(
     log.info("%s: running %s (%d images, tile %dx%d, overlap %d)", target.name, a.key, len(pairs), *a.tile, a.overlap)
     result = target.run(job_dir)
     per_image = score_outputs(result, job_dir / "out", pairs, a.scale)
-    row = make_row(a, target, result, per_image, cfg.test_set)
+    row = make_row(a, target, result, per_image, cfg.test_set, cfg.degradation)
     row["job_dir"] = str(job_dir.relative_to(cfg.out))
     if o.environment is None:
         o.environment = _environment(target, result)

@@ -2,6 +2,7 @@
 
   python -m device_bench bench runs/convert --out runs/bench --budgets device_bench/budgets.example.yaml
   python -m device_bench bench model.tflite --out runs/bench --overlap 14 --test-set path/to/hr_images
+  python -m device_bench bench runs/convert --out runs/bench --test-set path/to/Set5 --degradation matlab
   python -m device_bench report runs/bench                      # re-render report.md + plot from report.json
   python -m device_bench report runs/bench --budgets other.yaml # re-check the measured rows against new budgets
 
@@ -35,6 +36,7 @@ from device_bench.report import render
 from device_bench.runner import RUNTIMES
 from device_bench.targets import DEVICE_PYTHON_ENV, TARGET_KINDS
 from edgesr.errors import BadInput, run_cli
+from edgesr.images import DEGRADATION_INFO, DEGRADATIONS
 
 log = logging.getLogger("device_bench")
 
@@ -73,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--budgets", type=Path, help="budgets YAML (see device_bench/budgets.example.yaml); none: all pass")
     b.add_argument("--test-set", default="sporco", help="bundled test set (sporco, butterfly) or a folder of HR images")
+    b.add_argument(
+        "--degradation",
+        default="pillow",
+        choices=DEGRADATIONS,
+        help="how LR images are made from HR ones: "
+        + "; ".join(f"{k}: {v}" for k, v in DEGRADATION_INFO.items())
+        + " (default pillow; DIV2K and BasicSR folders use the LR files they ship)",
+    )
     b.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1; -1: runtime default)")
     b.add_argument("--warmup", type=int, default=3, help="untimed invokes before timing (default 3)")
     b.add_argument("--runs", type=int, default=20, help="timed invokes of one tile (default 20)")
@@ -117,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets_file=args.targets_file,
         budgets=args.budgets,
         test_set=args.test_set,
+        degradation=args.degradation,
         threads=args.threads,
         warmup=args.warmup,
         runs=args.runs,

@@ -385,6 +385,16 @@ def _results_table(rows: list[dict[str, Any]], emulated: bool) -> list[str]:
     return lines
 
 
+def _lr_text(report: dict[str, Any]) -> str:
+    """How the test set's LR images were made, e.g. 'matlab-bicubic' or 'x2 shipped LR files (LRbicx2/), x4 ...'."""
+    lr = report["test_set"].get("lr")
+    if not lr:  # no scale loaded, or a report from before the degradation was recorded (always Pillow then)
+        return f"{report.get('settings', {}).get('degradation', 'pillow')}-bicubic"
+    if len(set(lr.values())) == 1:
+        return next(iter(lr.values()))
+    return ", ".join(f"x{s} {v}" for s, v in sorted(lr.items()))
+
+
 def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str:
     rows = report["rows"]
     ts = report["test_set"]
@@ -400,7 +410,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str
         "# edgesr device bench",
         "",
         f"- created {report['created']}, edgesr {report['edgesr_version']}",
-        f"- test set `{ts['name']}` ({n_images} images): {ts['protocol']}",
+        f"- test set `{ts['name']}` ({n_images} images, LR: {_lr_text(report)}): {ts['protocol']}",
         f"- budgets: {report['budgets'].get('source') or 'none (everything passes)'}",
         f"- overall: **{verdict}**{' (' + ', '.join(why) + ')' if why else ''} (exit code {report['exit_code']})",
         "",

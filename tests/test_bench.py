@@ -175,10 +175,11 @@ def test_report_md_has_table_legend_skips_and_plot(failed_run: tuple) -> None:
     assert "## Legend" in md
     for phrase in ("VmHWM", "Python interpreter and numpy", "one tile (64x64", "after 1 warm-up", "1 thread(s)"):
         assert phrase in md, phrase
-    assert "ai_edge_litert 2.3.0" in md and "BT.601" in md and "border = scale" in md and "Pillow bicubic" in md
+    assert "ai_edge_litert 2.3.0" in md and "BT.601" in md and "border = scale" in md and "LR: pillow-bicubic" in md
     assert "DENSIFY" in md and "file size only" in md
     assert "dense.mlpackage" in md and "Core ML cannot run on Linux" in md
     report = json.loads((out / "report.json").read_text())
+    assert report["test_set"]["lr"] == {"2": "pillow-bicubic"} and report["settings"]["degradation"] == "pillow"
     assert report["plots"] == {
         "psnr_vs_size": "psnr_vs_size.png",
         "psnr_vs_peak_rss": "psnr_vs_peak_rss.png",
@@ -252,6 +253,19 @@ def test_bare_tflite_within_budgets_exits_0(env: dict, tmp_path: Path) -> None:
         16,
     )
     assert row["torch_psnr_y_db"] is None and row["psnr_delta_vs_torch_db"] is None
+
+
+def test_matlab_lr_is_recorded_and_not_compared_with_a_pillow_lr_torch_score(env: dict, tmp_path: Path) -> None:
+    (tmp_path / "loose.yaml").write_text(LOOSE)
+    out = tmp_path / "out"
+    args = ("--test-set", env["photos"], "--budgets", tmp_path / "loose.yaml", "--degradation", "matlab")
+    proc = bench(env["convert"], "--out", out, *args)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["test_set"]["lr"] == {"2": "matlab-bicubic"} and report["settings"]["degradation"] == "matlab"
+    assert "images, LR: matlab-bicubic)" in (out / "report.md").read_text()
+    row = report["rows"][0]  # the manifest's torch score was measured on Pillow LR: not the same test
+    assert row["torch_psnr_y_db"] is not None and row["psnr_delta_vs_torch_db"] is None
 
 
 @pytest.mark.parametrize("case", ["missing_model", "truncated_tflite", "non_image_in_test_set", "unknown_budget_key"])
