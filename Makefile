@@ -43,7 +43,9 @@ help: ## list the targets
 	@echo "       ARTIFACTS BUDGETS TARGETS TARGETS_FILE TEST_SET"
 	@echo "       PYTEST_ARGS BENCH_ARGS (see README)"
 
-setup: $(VENV)/.ok $(DEVICE_VENV)/.ok ## build the workstation venv (.venv) and the device venv (.venv-device)
+setup: $(VENV)/.ok $(DEVICE_VENV)/.ok ## build the venvs (.venv, .venv-device) and fetch the pretrained weights
+	@# Once (34 MB from the npm registry, sha256-pinned) into $${EDGESR_CACHE:-~/.cache/edgesr}; cached: a checksum.
+	@$(PY) -m compress.pretrained fetch
 
 # The device harness tests drive real ssh/sshd and a real adb server; as root, install them when missing.
 SYSTEM_TOOLS := /usr/bin/ssh /usr/sbin/sshd /usr/bin/adb
