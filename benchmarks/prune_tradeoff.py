@@ -104,22 +104,22 @@ def run_prune(args: argparse.Namespace, method: str, target: float, threads: int
 def dense_row(args: argparse.Namespace, threads: int) -> dict:
     import torch
 
-    from compress.checkpoint import load_checkpoint
     from compress.data import PatchSampler
     from compress.evaluate import evaluate, model_stats
-    from compress.train import TrainConfig, train
+    from compress.intake import ModelSpec, load_model
+    from compress.train import TrainConfig, TrainData, train
     from edgesr.datasets import load_test_set, load_training_images
 
     torch.set_num_threads(threads)
-    model, manifest = load_checkpoint(args.checkpoint)
-    scale = model.config.scale
+    loaded = load_model(ModelSpec(checkpoint=args.checkpoint))
+    model, scale = loaded.model, loaded.scale
     scores = evaluate(model, load_test_set(args.test_set, scale), scale)["mean"]
     stats = model_stats(model, scale)
     cfg = TrainConfig(steps=60, device=args.device)
     images = [img for _, img in load_training_images("bundled")]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train(model, PatchSampler(images, scale, cfg.lr_patch, cfg.batch_size, 0), cfg, Path(tmp))
+        train(model, TrainData(PatchSampler(images, scale, cfg.lr_patch, cfg.batch_size, 0), scale), cfg, Path(tmp))
         step_ms = 1000 * (time.perf_counter() - t0) / cfg.steps
     return {
         "method": "dense",

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from torch import nn  # noqa: E402
 
 from compress.checkpoint import load_checkpoint  # noqa: E402
-from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig  # noqa: E402
+from compress.pruning.methods.magnitude import prune_once  # noqa: E402
 from edgesr.manifest import atomic_output, new_manifest, versions, write_json  # noqa: E402
 
 log = logging.getLogger("sparse_encoding")
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def pruned_model(checkpoint: Path, sparsity: float) -> nn.Module:
     """The checkpoint with every prunable conv magnitude-pruned to `sparsity` (one-shot, in memory)."""
     model, _ = load_checkpoint(checkpoint)
-    GradualMagnitudePruner(model, MagnitudeConfig(target=sparsity, end_step=1, layers="all")).finalize()
+    prune_once(model, sparsity, layers="all")
     return model.eval()
 
 

@@ -1,7 +1,8 @@
 """Measure a torch SR model the way device_bench measures artifacts: whole images, 8-bit, Y-PSNR/SSIM.
 
 Also the model's size figures for manifests: per-layer and total parameters, non-zeros, and MACs for a
-1280x720 output (dense MACs, and the MACs of non-zero weights).
+1280x720 output (dense MACs, and the MACs of non-zero weights), over every conv-like layer
+(`compress.pruning.layers`: Conv2d of any groups, ConvTranspose2d, Linear).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.pruning.gates import prunable_convs
+from compress.pruning.layers import conv_like_layers, probe_input, prunable_layers
 from edgesr.datasets import SRPair
+from edgesr.errors import BadInput
 from edgesr.images import bicubic_upscale, quantize_uint8, to_float
 from edgesr.metrics import mean_scores, sr_scores
 
@@ -49,63 +51,71 @@ def evaluate_bicubic(pairs: list[SRPair], scale: int) -> dict[str, Any]:
     return {"mean": mean_scores(list(per.values())), "per_image": per}
 
 
-def conv_output_pixels(model: nn.Module, scale: int, out_hw: tuple[int, int] = (720, 1280)) -> dict[str, float]:
-    """Output pixels of every conv for one `out_hw` output image. Conv MACs are linear in the pixel count, so they are
-    measured on a small LR probe and scaled to the target."""
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    pixels: dict[str, int] = {}
-    hooks = [
-        m.register_forward_hook(lambda m, i, o, n=n: pixels.__setitem__(n, o.shape[-2] * o.shape[-1]))
-        for n, m in convs.items()
-    ]
+def layer_positions(model: nn.Module, scale: int, out_hw: tuple[int, int] = (720, 1280)) -> dict[str, float]:
+    """How many times each conv-like layer applies its whole weight for one `out_hw` output image, so that its MACs
+    are positions x weight count: a Conv2d's output pixels, a ConvTranspose2d's input pixels (each input pixel is
+    scattered through the whole kernel), a Linear's rows. Linear in the pixel count, so measured on a small LR probe
+    and scaled to the target."""
+    layers = conv_like_layers(model)
+    positions: dict[str, float] = {}
+
+    def count(name: str, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(layer, nn.Linear):
+            positions[name] = output.numel() / output.shape[-1]
+        elif isinstance(layer, nn.ConvTranspose2d):
+            positions[name] = inputs[0].shape[0] * inputs[0].shape[-2] * inputs[0].shape[-1]
+        else:
+            positions[name] = output.shape[0] * output.shape[-2] * output.shape[-1]
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: count(n, m, i, o)) for n, m in layers.items()]
     probe = 8
-    device = next(model.parameters()).device
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, probe, probe, device=device))
+            model.eval()(probe_input(model, probe))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    missing = [n for n in layers if n not in positions]
+    if missing:
+        raise BadInput(f"layer '{missing[0]}' never runs in a forward pass, so its MACs cannot be counted")
     ratio = out_hw[0] * out_hw[1] / scale**2 / probe**2
-    return {n: pixels[n] * ratio for n in convs}
+    return {n: positions[n] * ratio for n in layers}
 
 
 @torch.no_grad()
 def model_stats(model: nn.Module, scale: int, out_hw: tuple[int, int] = (720, 1280)) -> dict[str, Any]:
-    """Parameter, non-zero and MAC counts; MACs are for one `out_hw` output image (default 1280x720)."""
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    trainable = prunable_convs(model)
-    pixels = conv_output_pixels(model, scale, out_hw)
-    layers, totals = {}, {"params": 0, "nonzeros": 0, "macs": 0, "nonzero_macs": 0}
-    for name, conv in convs.items():
-        w = conv.weight
+    """Parameter, non-zero and MAC counts over every conv-like layer; MACs are for one `out_hw` output image."""
+    layers = conv_like_layers(model)
+    trainable = prunable_layers(model)
+    positions = layer_positions(model, scale, out_hw)
+    per_layer, totals = {}, {"params": 0, "nonzeros": 0, "macs": 0, "nonzero_macs": 0}
+    for name, layer in layers.items():
+        w = layer.weight
         nnz = int((w != 0).sum())
-        # MACs per output pixel = c_out * c_in/groups * k * k = the weight count.
-        macs = int(round(pixels[name] * w.numel()))
-        nz_macs = int(round(pixels[name] * nnz))
-        layers[name] = {
+        per_layer[name] = {
+            "type": type(layer).__name__,
             "shape": list(w.shape),
             "params": w.numel(),
             "nonzeros": nnz,
             "sparsity": round(1 - nnz / w.numel(), 6),
             "prunable": name in trainable,
         }
-        totals["macs"] += macs
-        totals["nonzero_macs"] += nz_macs
+        totals["macs"] += int(round(positions[name] * w.numel()))
+        totals["nonzero_macs"] += int(round(positions[name] * nnz))
     for p in model.parameters():
         totals["params"] += p.numel()
         totals["nonzeros"] += int((p != 0).sum())
-    pr = [v for v in layers.values() if v["prunable"]]
+    pr = [v for v in per_layer.values() if v["prunable"]]
     pr_params = sum(v["params"] for v in pr)
     return {
         "params": totals["params"],
         "nonzeros": totals["nonzeros"],
-        "sparsity_prunable": round(1 - sum(v["nonzeros"] for v in pr) / pr_params, 6),
+        "sparsity_prunable": round(1 - sum(v["nonzeros"] for v in pr) / pr_params, 6) if pr_params else 0.0,
         "sparsity_all_params": round(1 - totals["nonzeros"] / totals["params"], 6),
         "macs_1280x720": totals["macs"],
         "nonzero_macs_1280x720": totals["nonzero_macs"],
         "macs_output_size": f"{out_hw[1]}x{out_hw[0]}",
-        "layers": layers,
+        "layers": per_layer,
     }

@@ -12,7 +12,6 @@ CLI: `python -m compress.pretrained {list,fetch [NAME],path NAME}`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import logging
@@ -28,7 +27,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from edgesr.errors import BadInput, run_cli
+from edgesr.errors import ArgumentParser, BadInput, run_cli
 from edgesr.manifest import atomic_output, sha256
 
 log = logging.getLogger(__name__)
@@ -178,10 +177,9 @@ def fetch(name: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m compress.pretrained",
         description="Pretrained weights edgesr can fetch (only `fetch` uses the network; `make setup` runs it).",
-        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the known weights and whether each is cached", allow_abbrev=False)

@@ -1,8 +1,13 @@
-"""The training loop: L1 loss, Adam, cosine learning rate, a pruner hook, resumable state, tqdm progress.
+"""The training loop: L1 loss, Adam, warm-up + cosine learning rate, a pruner hook, resumable state, tqdm progress.
 
-One loop serves dense training and every pruning method: the pruner adds its penalty to the loss and acts
-after each optimiser step. State (model, optimiser, sampler, pruner, step) is saved atomically to
-`<run_dir>/train_state.pt` every `save_every` steps and at the end; a run restarted with the same folder resumes.
+One loop serves dense training, fine-tuning and every pruning method: the pruner adds its penalty to the loss and
+acts after each optimiser step. With `distill` > 0 the target is partly the output of a teacher (the unpruned
+model, frozen): loss = (1 - distill) L1(sr, hr) + distill L1(sr, teacher(lr)), which keeps a pretrained model's
+behaviour instead of refitting it to a handful of photos. `TRAIN` holds the defaults for training from scratch,
+`FINETUNE` those for pruning or fine-tuning a trained model (chosen by measurement; see the README).
+
+State (model, optimiser, sampler, pruner, step) is saved atomically to `<run_dir>/train_state.pt` every
+`save_every` steps and at the end; a run restarted with the same folder resumes.
 
 Started by `torchrun --nproc_per_node N`, the loop runs data-parallel (DDP; NCCL on CUDA, gloo on CPU): each rank
 draws `batch_size / N` patches from its own stream, gradients are averaged, pruners act identically on every
@@ -27,6 +32,7 @@ from tqdm import tqdm
 
 from compress.checkpoint import torch_load
 from compress.data import PatchSampler
+from compress.flags import option, require
 from compress.pruning.base import Pruner
 from edgesr.errors import BadInput, CheckFailed
 from edgesr.manifest import atomic_output
@@ -37,21 +43,43 @@ STATE_NAME = "train_state.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 16
-    lr_patch: int = 32  # LR patch side; HR patches are scale x larger
-    lr: float = 5e-4
-    lr_min_ratio: float = 0.02  # cosine decay ends at lr * lr_min_ratio
-    save_every: int = 250
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    steps: int = option(3000, "optimiser steps")
+    batch_size: int = option(16, "patches per step")
+    lr_patch: int = option(32, "LR patch side in px; HR patches are scale x larger", flag="--patch")
+    lr: float = option(5e-4, "peak Adam learning rate")
+    warmup: float = option(0.0, "share of the steps over which the learning rate ramps up from 0")
+    lr_min_ratio: float = option(0.02, "the cosine decay ends at lr x this")
+    distill: float = option(
+        0.0, "weight of the unpruned model's output in the L1 target: 0 trains on HR only, 1 on the teacher only"
+    )
+    save_every: int = option(250, "steps between resumable saves")
+    seed: int = option(0, "seed for init and patch sampling")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr_patch", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0.0 <= self.warmup < 1.0, "warmup", f"must be in [0, 1), got {self.warmup}")
+        require(0.0 < self.lr_min_ratio <= 1.0, "lr_min_ratio", f"must be in (0, 1], got {self.lr_min_ratio}")
+        require(0.0 <= self.distill <= 1.0, "distill", f"must be in [0, 1], got {self.distill}")
+
+
+# Training from scratch (a preset or factory without weights).
+TRAIN = TrainConfig()
+# Pruning or fine-tuning a trained model: PLACEHOLDER until measured.
+FINETUNE = TrainConfig(steps=1000, lr=5e-4)
+
+
+@dataclass
+class TrainData:
+    """What a run trains on: patches, the model's scale, the teacher for distillation (None: no teacher), and the
+    degradation its LR images use (for validation sets made on the fly)."""
+
+    sampler: PatchSampler
+    scale: int
+    teacher: nn.Module | None = None
+    degradation: str = "pillow"
 
 
 def world() -> tuple[int, int]:
@@ -86,14 +114,19 @@ def _init_distributed(device: torch.device, cfg: TrainConfig) -> int:
     return size
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    cos = 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up from 0 over `warmup` of the steps, then cosine decay to lr x lr_min_ratio at the end."""
+    warm = round(cfg.warmup * cfg.steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / (warm + 1)
+    span = max(1, cfg.steps - warm)
+    cos = 0.5 * (1 + math.cos(math.pi * min(step - warm, span) / span))
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cos)
 
 
 def train(
     model: nn.Module,
-    sampler: PatchSampler,
+    data: TrainData,
     cfg: TrainConfig,
     run_dir: Path,
     pruner: Pruner | None = None,
@@ -101,10 +134,20 @@ def train(
 ) -> dict:
     """Train in place; returns {"steps" (made, fewer if the pruner ended early), "seconds", "final_loss",
     "resumed_from", "processes"}."""
+    if cfg.distill > 0 and data.teacher is None:
+        raise BadInput(
+            f"--distill {cfg.distill} needs a teacher: distillation is for pruning or fine-tuning a trained model"
+        )
+    sampler = data.sampler
     device = resolve_device(cfg.device)
     size = _init_distributed(device, cfg)
     rank = world()[0]
     pruner = pruner or Pruner()
+    teacher = None
+    if cfg.distill > 0:
+        teacher = data.teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     model.to(device).train()
     net: nn.Module = model
     if size > 1:
@@ -163,10 +206,15 @@ def train(
         if pruner.done():
             break
         for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, step)
         lr, hr = sampler.batch()
         lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
-        loss = F.l1_loss(net(lr), hr)
+        sr = net(lr)
+        loss = F.l1_loss(sr, hr) if cfg.distill < 1 else sr.new_zeros(())
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(lr)
+            loss = (1 - cfg.distill) * loss + cfg.distill * F.l1_loss(sr, target)
         if not torch.isfinite(loss):
             raise CheckFailed(
                 f"training diverged at step {step + 1} (L1 loss {loss.item()}); lower --lr or the method's step sizes"

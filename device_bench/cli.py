@@ -35,21 +35,14 @@ from device_bench.bench import DEFAULT_OVERLAP, BenchConfig, run_bench
 from device_bench.report import render
 from device_bench.runner import RUNTIMES
 from device_bench.targets import DEVICE_PYTHON_ENV, TARGET_KINDS
-from edgesr.errors import BadInput, run_cli
+from edgesr.errors import ArgumentParser, run_cli
 from edgesr.images import DEGRADATION_INFO, DEGRADATIONS
 
 log = logging.getLogger("device_bench")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (exit 2) through edgesr's error path."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise BadInput(f"{message} (see {self.prog} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m device_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,report}")

@@ -6,9 +6,11 @@ stderr and the documented exit code, never a traceback.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_BUDGET_FAILED = 1  # device_bench: at least one budget failed (also: a command's own check failed)
@@ -51,3 +53,15 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the edgesr conventions: no abbreviated flags, and a usage error is a BadInput (one line
+    through `run_cli`, exit 2) instead of the whole usage block."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise BadInput(f"{message} (see {self.prog} --help)")

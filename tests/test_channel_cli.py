@@ -89,12 +89,14 @@ def test_channel_methods_bad_target_flags(tmp_path):
     parent, _ = parent_checkpoint(tmp_path / "p")
     base = ("prune", "--checkpoint", parent, "--out", tmp_path / "o", "--steps", "2")
     cases = [
-        (("--method", "fmp", "--params", "0.5"), "--method fmp needs --weight-sparsity"),
-        (("--method", "fmp", "--weight-sparsity", "0.3"), "--method fmp needs --params or --macs"),
+        (("--method", "fmp", "--params", "0.5"), "--weight-sparsity is needed by --method fmp"),
+        (("--method", "fmp", "--weight-sparsity", "0.3"), "--params or --macs is needed by the channel methods"),
         (("--method", "channel-only", "--params", "0.5", "--sparsity", "0.5"), "--sparsity does not apply"),
-        (("--method", "channel-l1", "--macs", "0.5"), "--method channel-l1 needs --params"),
+        (("--method", "channel-l1", "--params", "0.5", "--layers", "all"), "--layers does not apply to --method"),
         (("--method", "fmp", "--params", "1.2", "--weight-sparsity", "0.3"), "--params must be in (0, 1)"),
-        (("--method", "iks", "--params", "0.5"), "--method iks needs --sparsity"),
+        (("--method", "iks", "--params", "0.5"), "--params does not apply to --method iks"),
+        (("--method", "iks"), "--sparsity is needed by --method iks"),
+        (("--method", "magnitude", "--sparsity", "nan"), "--sparsity: must be a finite number"),
         (("--method", "fmp", "--params", "0.5", "--macs", "0.5", "--weight-sparsity", "0.1"), "not both"),
     ]
     for flags, message in cases:

@@ -9,8 +9,8 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.data import PatchSampler
 from compress.evaluate import model_stats
 from compress.models import create_model
-from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
-from compress.train import TrainConfig, train
+from compress.pruning.methods.magnitude import GradualMagnitudePruner, MagnitudeConfig
+from compress.train import TrainConfig, TrainData, train
 from conftest import REPO, run_module
 from edgesr.datasets import load_training_images
 from edgesr.errors import BadInput
@@ -21,6 +21,10 @@ def photos():
     return [img for _, img in load_training_images("bundled")[:3]]
 
 
+def data(photos):
+    return TrainData(PatchSampler(photos, 2, 12, 2, 0), scale=2)
+
+
 def small_model():
     torch.manual_seed(0)
     return create_model("edsr-tiny", scale=2, n_resblocks=1, n_feats=8)
@@ -28,10 +32,10 @@ def small_model():
 
 def test_gradual_schedule_reaches_target_exactly_and_masks_hold(tmp_path, photos):
     model = small_model()
-    pruner = GradualMagnitudePruner(model, MagnitudeConfig(target=0.8, end_step=6, frequency=2))
+    pruner = GradualMagnitudePruner(model, MagnitudeConfig(sparsity=0.8, prune_fraction=0.6, frequency=2), 10)
     assert [round(pruner.sparsity_at(s), 4) for s in (0, 3, 6, 9)] == [0.0, 0.7, 0.8, 0.8]
     cfg = TrainConfig(steps=10, batch_size=2, lr_patch=12, save_every=100, device="cpu")
-    train(model, PatchSampler(photos, 2, 12, 2, 0), cfg, tmp_path, pruner=pruner)
+    train(model, data(photos), cfg, tmp_path, pruner=pruner)
     pruner.finalize()
     for name, conv in pruner.layers.items():
         zeros = int((conv.weight == 0).sum())
@@ -44,22 +48,22 @@ def test_resume_continues_exactly(tmp_path, photos):
     # Constant LR, so a run cut at step 3 and a 6-step run share their first 3 steps exactly.
     cfg = TrainConfig(steps=6, batch_size=2, lr_patch=12, save_every=3, lr_min_ratio=1.0, device="cpu")
     straight = small_model()
-    train(straight, PatchSampler(photos, 2, 12, 2, 0), cfg, tmp_path / "a")
+    train(straight, data(photos), cfg, tmp_path / "a")
 
     # "Crash" after step 3: run 3 steps, then relabel the saved state as the 6-step run's and resume it.
     state_dir = tmp_path / "b"
-    train(small_model(), PatchSampler(photos, 2, 12, 2, 0), TrainConfig(**{**cfg.__dict__, "steps": 3}), state_dir)
+    train(small_model(), data(photos), TrainConfig(**{**cfg.__dict__, "steps": 3}), state_dir)
     state = torch.load(state_dir / "train_state.pt", weights_only=True)
     state["train_config"]["steps"] = 6
     torch.save(state, state_dir / "train_state.pt")
     resumed = small_model()
-    run = train(resumed, PatchSampler(photos, 2, 12, 2, 0), cfg, state_dir)
+    run = train(resumed, data(photos), cfg, state_dir)
     assert run["resumed_from"] == 3
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), k
     # Other settings with the same folder are refused rather than silently mixed.
     with pytest.raises(BadInput, match="saved run used other settings"):
-        train(small_model(), PatchSampler(photos, 2, 12, 2, 0), TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), state_dir)
+        train(small_model(), data(photos), TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), state_dir)
 
 
 def test_macs_for_720p_output_by_hand():
@@ -115,7 +119,7 @@ def test_cli_bad_inputs_are_one_line_exit_2(tmp_path):
     parent = save_checkpoint(tmp_path / "p", small_model(), {})
     r = run_compress("prune", "--checkpoint", str(parent), "--sparsity", "1.5", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--sparsity must be in (0, 1)" in r.stderr and "Traceback" not in r.stderr
-    r = run_compress("train", "--data", str(tmp_path / "nodata"), "--steps", "1", "--out", str(tmp_path / "t"))
+    r = run_compress("train", "--model", "edsr-tiny", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "t"))
     assert r.returncode == 2 and "nodata: training data folder does not exist" in r.stderr
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from compress.checkpoint import save_checkpoint
 from compress.models import create_model
-from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
+from compress.pruning.methods.magnitude import prune_once
 from conftest import run_module
 from convert import coreml, mil_exec
 from convert.cli import main
@@ -36,7 +36,7 @@ TILE = 64
 def _pruned_edsr_tiny() -> nn.Module:
     torch.manual_seed(0)
     model = create_model("edsr-tiny", 2)
-    GradualMagnitudePruner(model, MagnitudeConfig(target=0.8, end_step=1)).finalize()
+    prune_once(model, 0.8)
     return model.eval()
 
 
@@ -291,7 +291,7 @@ def test_every_precision_of_a_small_model(tmp_path):
     a precision a format cannot build is listed under skipped with the reason."""
     torch.manual_seed(0)
     model = create_model("edsr-tiny", 2, n_resblocks=1, n_feats=16)
-    GradualMagnitudePruner(model, MagnitudeConfig(target=0.8, end_step=1)).finalize()
+    prune_once(model, 0.8)
     ckpt = save_checkpoint(tmp_path / "ckpt", model, {"name": "small"})
     precisions = ("fp32", "fp16", "int8-dynamic", "int8", "lut4")
     m = convert_checkpoint(ckpt, tmp_path / "out", formats=("tflite", "coreml"), tile=32, precisions=precisions)

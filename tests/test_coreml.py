@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compress.checkpoint import load_checkpoint
-from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
+from compress.pruning.methods.magnitude import prune_once
 from conftest import REPO
 from convert import coreml, coreml_artifacts, mil_exec, parity
 from convert.coreml_artifacts import COREML_PRECISIONS, TOLERANCES, Tolerance
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def _pruned_checkpoint(target: float) -> nn.Module:
     model, _ = load_checkpoint(CHECKPOINT)
-    GradualMagnitudePruner(model, MagnitudeConfig(target=target, end_step=1)).finalize()
+    prune_once(model, target)
     return model.eval()
 
 

@@ -4,12 +4,16 @@ import copy
 import json
 
 import pytest
+import topology_models
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.evaluate import model_stats
 from compress.models import build_from_spec, create_model, model_spec
+from compress.models.shapes import apply_shapes, record_shapes
+from compress.pruning.budget import ChannelCost
 from compress.pruning.coupling import ChannelGroup, apply_group_masks, find_groups, group_masks_to_layer_masks
 from compress.pruning.slicing import slice_model
 from edgesr.datasets import load_test_set
@@ -182,10 +186,11 @@ def test_slicing_matches_masking(name, scale):
     assert before.keys() == after.keys()
     assert all(after[n][0] <= b[0] and after[n][1] <= b[1] and after[n][2:] == b[2:] for n, b in before.items())
     masks = group_masks_to_layer_masks(model, groups, keep)
-    assert all(after[n][:2] == (int(o.sum()), int(i.sum())) for n, (o, i) in masks.items())
+    assert all(after[n][:2] == (int(m["out"].sum()), int(m["in"].sum())) for n, m in masks.items())
     assert any(after[n] != before[n] for n in before)
-    # The compact architecture rebuilds from its spec, also after a JSON round trip (lists, not tuples).
+    # The compact architecture rebuilds from its recipe and recorded shapes, also after a JSON round trip.
     rebuilt = build_from_spec(json.loads(json.dumps(model_spec(sliced))))
+    apply_shapes(rebuilt, json.loads(json.dumps(record_shapes(sliced))))
     rebuilt.load_state_dict(sliced.state_dict(), strict=True)
 
 
@@ -194,13 +199,16 @@ def test_sliced_checkpoint_round_trip(tmp_path):
     groups = find_groups(model)
     sliced = slice_model(model, groups, random_keep(groups, seed=7))
     loaded, manifest = load_checkpoint(save_checkpoint(tmp_path / "ck", sliced, {"pruned": True}))
-    assert manifest == {"pruned": True} and loaded.config == sliced.config and loaded.config.conv_channels
+    assert manifest == {"pruned": True} and loaded.config == sliced.config
+    assert record_shapes(loaded) == record_shapes(sliced) != record_shapes(model)
     x = torch.rand(1, 3, 14, 11)
     with torch.no_grad():
         assert torch.equal(loaded(x), sliced.eval()(x))
-    # Slicing a sliced model again keeps the earlier overrides.
+    # Slicing a sliced model again, and its checkpoint, keep the earlier cuts.
     again = slice_model(loaded, find_groups(loaded), random_keep(find_groups(loaded), seed=8))
-    build_from_spec(model_spec(again)).load_state_dict(again.state_dict(), strict=True)
+    reloaded, _ = load_checkpoint(save_checkpoint(tmp_path / "ck2", again, {}))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), again.eval()(x))
 
 
 def test_keep_masks_are_validated():
@@ -231,10 +239,129 @@ class Flip(nn.Module):
     [
         (Flip(), r"node 'flip' \(call_function flip\)"),
         (nn.ChannelShuffle(2), r"node '\w+' \(call_module ChannelShuffle\)"),
-        (nn.Conv2d(4, 4, 3, padding=1, groups=2), r"grouped conv \(groups=2\)"),
+        (nn.Softmax(dim=1), r"node '\w+' \(call_module Softmax\): unknown channel semantics"),
     ],
 )
 def test_unknown_ops_are_refused(middle, pattern):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), middle, nn.Conv2d(4, 3, 3, padding=1))
     with pytest.raises(ValueError, match=pattern):
         find_groups(model)
+
+
+# --------------------------------------------------------------------------- the topologies real SR nets use
+
+TOPOLOGY_PRUNABLE = {  # how many channel groups each topology leaves prunable (the rest: reasons below)
+    "fsrcnn": 5,
+    "padded_valid_zero": 3,
+    "padded_valid_reflect": 3,
+    "padded_valid_replicate": 3,
+    "srresnet": 4,
+    "imdn": 5,
+    "interp_nearest": 2,
+    "interp_bilinear": 2,
+    "separable": 0,
+    "rcan": 6,
+}
+
+
+@pytest.mark.parametrize("name", list(topology_models.TOPOLOGIES))
+def test_every_topology_slices_exactly_and_its_cost_matches_the_stats(name):
+    """Sliced equals masked to 1e-5 on a real photo, and the budget accounting counts what model_stats counts."""
+    model = topology_models.make(name)
+    x = butterfly_lr(2)[..., :48, :40]
+    groups = find_groups(model)
+    prunable = [g for g in groups if g.prunable]
+    assert len(prunable) == TOPOLOGY_PRUNABLE[name], groups
+    keep = random_keep(groups, seed=1)
+    sliced = slice_model(model, groups, keep)
+    masked = apply_group_masks(copy.deepcopy(model), groups, keep)
+    with torch.no_grad():
+        y_ref, y_masked, y_sliced = model(x), masked(x), sliced(x)
+    assert y_sliced.shape == y_ref.shape == (1, 3, 96, 80)
+    assert (y_sliced - y_masked).abs().max() < 1e-5
+    if prunable:
+        assert (y_masked - y_ref).abs().max() > 1e-4  # something was really removed
+        assert sum(p.numel() for p in sliced.parameters()) < sum(p.numel() for p in model.parameters())
+    cost = ChannelCost(model, groups, [g.id for g in prunable], 2)
+    stats = model_stats(sliced, 2)
+    kept = {g: int(k.sum()) for g, k in keep.items()}
+    assert (cost.params(kept), cost.macs(kept)) == (stats["params"], stats["macs_1280x720"])
+
+
+def test_topology_groups_by_hand():
+    groups = {n: find_groups(topology_models.make(n)) for n in ("fsrcnn", "srresnet", "imdn", "separable", "rcan")}
+    # FSRCNN: the PReLU after each conv carries the conv's channels; the ConvTranspose2d reads the last group.
+    last = group_of(groups["fsrcnn"], "mid.6", "out")
+    assert sides(last) == {("mid.6", "out"), ("mid.7", "chan"), ("last", "in")} and last.prunable
+    # SRResNet: BatchNorm sits in its conv's group, the stream ties the block outputs and the fuse's BatchNorm.
+    stream = group_of(groups["srresnet"], "head.0", "out")
+    assert {("blocks.0.body.4", "chan"), ("blocks.1.body.4", "chan"), ("fuse.1", "chan")} <= sides(stream)
+    assert stream.prunable
+    # IMDN: channels that torch.split / chunk / narrow / slicing cut at fixed offsets are kept, with the reason.
+    split = [g for g in groups["imdn"] if g.member("blocks.0.c1", "out") is not None]
+    assert len(split) == 2 and all(not g.prunable and "fixed channel offsets by 'split'" in g.reason for g in split)
+    attention = group_of(groups["imdn"], "blocks.0.attention.squeeze", "out")
+    assert attention.prunable  # the attention's inner channels are free
+    # Depthwise + grouped: the grouped conv fixes the residual stream, and says so.
+    stream = group_of(groups["separable"], "head", "out")
+    assert not stream.prunable and "grouped Conv2d 'blocks.0.grouped' (groups=2)" in stream.reason
+    # RCAN: the attention's excitation conv writes the stream's channels (x * sigmoid(...)): one group.
+    stream = group_of(groups["rcan"], "head", "out")
+    assert {("body.0.body.3.weigh.2", "out"), ("body.0.body.3.weigh.0", "in")} <= sides(stream) and stream.prunable
+
+
+class MobileBlock(nn.Module):
+    """Pointwise expand -> depthwise 3x3 -> pointwise project, with a residual: the expanded channels are free,
+    each depthwise output tied to its one input channel."""
+
+    def __init__(self, mult: int = 1) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 12, 1)
+        self.depthwise = nn.Conv2d(12, 12 * mult, 3, padding=1, groups=12)
+        self.project = nn.Conv2d(12 * mult, 8, 1)
+        self.up = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        return self.up(h + self.project(F.relu6(self.depthwise(F.relu6(self.expand(h))))))
+
+
+@pytest.mark.parametrize("mult", [1, 2])
+def test_depthwise_conv_ties_outputs_to_inputs_and_slices_exactly(mult):
+    torch.manual_seed(0)
+    model = MobileBlock(mult).eval()
+    groups = find_groups(model)
+    inner = group_of(groups, "expand", "out")
+    expected = {("expand", "out"), ("depthwise", "in"), ("depthwise", "out"), ("project", "in")}
+    assert sides(inner) == expected and inner.prunable and inner.size == 12
+    assert torch.equal(inner.member("depthwise", "out").index, torch.arange(12 * mult).view(12, mult))
+    assert torch.equal(inner.member("project", "in").index, torch.arange(12 * mult).view(12, mult))
+    keep = {inner.id: torch.tensor([True, False] * 6)}
+    sliced = slice_model(model, groups, keep)
+    assert sliced.depthwise.groups == 6 and sliced.depthwise.weight.shape == (6 * mult, 1, 3, 3)
+    x = butterfly_lr(2)[..., :32, :32]
+    masked = apply_group_masks(copy.deepcopy(model), groups, keep)
+    with torch.no_grad():
+        assert (sliced(x) - masked(x)).abs().max() < 1e-5
+
+
+class SigmoidGate(nn.Module):
+    """conv -> sigmoid -> conv: a pruned channel would be 0.5, not 0, where the second conv reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 12, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sigmoid(self.a(x))
+        return F.pixel_shuffle(self.c(F.relu(self.b(h)) * h), 2)  # x * sigmoid: vanishes again
+
+
+def test_channels_that_would_not_vanish_are_kept():
+    groups = find_groups(SigmoidGate())
+    a = group_of(groups, "a", "out")
+    assert not a.prunable and "'b' reads channels that do not vanish when pruned" in a.reason
+    assert group_of(groups, "b", "out") is a  # b's output multiplies h: the same channels

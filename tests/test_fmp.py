@@ -13,11 +13,15 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.data import PatchSampler
 from compress.evaluate import model_stats
 from compress.models import create_model
-from compress.pruning.channel_l1 import ChannelCost, l1_keep, run_channel_l1
+from compress.pruning.budget import ChannelCost
 from compress.pruning.coupling import find_groups
-from compress.pruning.fmp import ChannelVectors, FMPConfig, FMPSearch, HyperGate, run_fmp
-from compress.pruning.gates import prunable_convs
-from compress.train import TrainConfig, train
+from compress.pruning.layers import prunable_layers
+from compress.pruning.methods import channel_l1, fmp
+from compress.pruning.methods.channel_l1 import ChannelL1Config, l1_keep
+from compress.pruning.methods.fmp import FMPConfig, FMPSearch, materialize
+from compress.pruning.methods.fmp.materialize import finetune_pruner
+from compress.pruning.methods.fmp.hypernetwork import ChannelVectors, HyperGate
+from compress.train import TrainConfig, TrainData, train
 from edgesr.datasets import load_test_set, load_training_images
 
 
@@ -52,8 +56,8 @@ def train_cfg(steps: int, **kw) -> TrainConfig:
     return TrainConfig(**{"steps": steps, "batch_size": 2, "lr_patch": 12, "save_every": 1000, "device": "cpu", **kw})
 
 
-def sampler(photos) -> PatchSampler:
-    return PatchSampler(photos, 2, 12, 2, 0)
+def sampler(photos) -> TrainData:
+    return TrainData(PatchSampler(photos, 2, 12, 2, 0), scale=2)
 
 
 def group_with(search: FMPSearch, layer: str, kind: str):
@@ -84,13 +88,13 @@ def test_pretrained_init_reproduces_the_dense_model(name, butterfly):
     model = tiny(name).eval()
     with torch.no_grad():
         dense = model(butterfly)
-    search = FMPSearch(model, FMPConfig(params_target=0.5, weight_sparsity=0.3), total_steps=10)
+    search = FMPSearch(model, FMPConfig(params=0.5, weight_sparsity=0.3), total_steps=10, scale=2)
     with torch.no_grad():
         generated = model(butterfly)
     assert (generated - dense).abs().max() < 1e-5
     # Every trainable conv lies in a prunable group here, so every one gets a hypernetwork; the stored weights
     # no longer train, z and U are the pruner's own, the hypernetworks the loop's.
-    assert set(search.layers) == set(prunable_convs(tiny(name)))
+    assert set(search.layers) == set(prunable_layers(tiny(name)))
     assert all(not c.parametrizations.weight.original.requires_grad for c in search.layers.values())
     own = {id(p) for p in search.own_parameters()}
     assert len(own) == len(search.searched) + len(search.layers)
@@ -103,7 +107,7 @@ def test_kernel_is_dhp_hypernetwork_by_hand():
     vectors = ChannelVectors({7: c_out, 9: c_in}, "scratch", torch.device("cpu"))
     src_out = torch.arange(c_out) + vectors.offset[7]
     src_in = torch.arange(c_in) + vectors.offset[9]
-    hyper = HyperGate(torch.zeros(c_out, c_in, k, k), vectors, src_out, src_in, m, "scratch", indicators=True)
+    hyper = HyperGate(nn.Conv2d(c_in, c_out, k), vectors, src_out, src_in, m, "scratch", indicators=True)
     with torch.no_grad():
         for p in (hyper.B0, hyper.b1, hyper.b2):
             p.normal_()
@@ -127,7 +131,7 @@ def test_kernel_is_dhp_hypernetwork_by_hand():
 
 def test_scratch_init_is_dhp():
     model = tiny("edsr")
-    search = FMPSearch(model, FMPConfig(params_target=0.5, init="scratch"), total_steps=10)
+    search = FMPSearch(model, FMPConfig(params=0.5, weight_sparsity=0.0, init="scratch"), total_steps=10, scale=2)
     z = torch.cat([z.detach() for z in search.vectors.z.values()])
     assert z.std() > 0.5 and not torch.any(z == 1)  # N(0, 1), not the pretrained ones
     for name, conv in search.layers.items():
@@ -138,7 +142,7 @@ def test_scratch_init_is_dhp():
 
 
 def test_channel_vectors_follow_pixel_shuffle_and_concat():
-    search = FMPSearch(tiny("edsr"), FMPConfig(params_target=0.5), total_steps=10)
+    search = FMPSearch(tiny("edsr"), FMPConfig(params=0.5, weight_sparsity=0.0), total_steps=10, scale=2)
     with torch.no_grad():
         for z in search.vectors.z.values():
             z.normal_()
@@ -149,7 +153,7 @@ def test_channel_vectors_follow_pixel_shuffle_and_concat():
     assert torch.equal(flat[search.hyper["tail.0.0"].src_out], z_up.repeat_interleave(4))
     assert torch.equal(flat[search.hyper["tail.1"].src_in], z_up)
     assert torch.equal(flat[search.hyper["tail.1"].src_out], torch.ones(3))  # RGB output: fixed
-    rdn = FMPSearch(tiny("rdn"), FMPConfig(params_target=0.5), total_steps=10)
+    rdn = FMPSearch(tiny("rdn"), FMPConfig(params=0.5, weight_sparsity=0.0), total_steps=10, scale=2)
     with torch.no_grad():
         for z in rdn.vectors.z.values():
             z.normal_()
@@ -161,8 +165,8 @@ def test_channel_vectors_follow_pixel_shuffle_and_concat():
 
 
 def test_prox_is_the_soft_threshold_and_groups_keep_min_channels():
-    config = FMPConfig(params_target=0.5, check_every=1000, lambda_channel=0.1, channel_lr=0.25)
-    search = FMPSearch(tiny("edsr"), config, total_steps=10_000)
+    config = FMPConfig(params=0.5, weight_sparsity=0.0, check_every=1000, lambda_channel=0.1, channel_lr=0.25)
+    search = FMPSearch(tiny("edsr"), config, total_steps=10_000, scale=2)
     signs = torch.tensor([1.0, -1.0]).repeat(8)
     start = torch.arange(1, 17) * 0.05 * signs  # distinct magnitudes 0.05 .. 0.8 (within z's scale 1), alternating
     with torch.no_grad():
@@ -198,8 +202,8 @@ def test_prox_is_the_soft_threshold_and_groups_keep_min_channels():
 
 def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
     model = tiny("edsr")
-    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, rewind=False)
-    search = FMPSearch(model, config, total_steps=100)
+    config = FMPConfig(params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, rewind=False)
+    search = FMPSearch(model, config, total_steps=100, scale=2)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for z in search.vectors.z.values():  # about half of every group's channels below T
@@ -224,7 +228,7 @@ def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
     assert torch.cat(dead).max() <= torch.cat(alive).min()
     with torch.no_grad():
         searched = model(butterfly)
-        compact = search.materialize()
+        compact = materialize(search)
         out = compact(butterfly)
     assert (out - searched).abs().max() < 1e-5
     assert search.report["forced"] is False and search.report["weight_masks"] == "locked by the search"
@@ -232,8 +236,8 @@ def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
 
 def test_rewind_restores_the_channel_lock_state_and_undamps_survivors(butterfly):
     model = tiny("edsr")
-    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1)
-    search = FMPSearch(model, config, total_steps=100)
+    config = FMPConfig(params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1)
+    search = FMPSearch(model, config, total_steps=100, scale=2)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for z in search.vectors.z.values():
@@ -259,16 +263,16 @@ def test_rewind_restores_the_channel_lock_state_and_undamps_survivors(butterfly)
     assert 0.3 <= search.trace[-1]["weight_sparsity"] < 0.3 + 1e-3
     with torch.no_grad():
         searched = model(butterfly)
-        out = search.materialize()(butterfly)
+        out = materialize(search)(butterfly)
     assert (out - searched).abs().max() < 1e-5
 
 
 def test_run_fmp_meets_both_targets_and_round_trips(tmp_path, photos, butterfly):
     model = tiny("edsr")
     dense = copy.deepcopy(model)
-    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, **FAST)
+    config = FMPConfig(params=0.5, weight_sparsity=0.3, **FAST)
     cfg = train_cfg(100, lr=LR)
-    compact, report = run_fmp(model, sampler(photos), cfg, tmp_path / "run", config)
+    compact, report = fmp.run(model, sampler(photos), cfg, tmp_path / "run", config)
     # The search met both targets itself (nothing forced) and stopped early; fine-tuning took the rest.
     assert report["method"] == "fmp" and report["forced"] is False, report["trace"][-3:]
     assert report["channels_locked_at"] is not None and report["weights_locked_at"] is not None
@@ -309,7 +313,7 @@ def test_run_fmp_meets_both_targets_and_round_trips(tmp_path, photos, butterfly)
         assert torch.equal(loaded(butterfly), out)
     assert manifest["pruning"] == json.loads(json.dumps(report))
     # Run again on the finished folder: both phases resume at their end and rebuild the same compact net.
-    again, report_again = run_fmp(tiny("edsr"), sampler(photos), cfg, tmp_path / "run", config)
+    again, report_again = fmp.run(tiny("edsr"), sampler(photos), cfg, tmp_path / "run", config)
     with torch.no_grad():
         assert torch.equal(again.eval()(butterfly), out)
     assert {k: v for k, v in report_again.items() if k != "runs"} == {k: v for k, v in report.items() if k != "runs"}
@@ -318,7 +322,7 @@ def test_run_fmp_meets_both_targets_and_round_trips(tmp_path, photos, butterfly)
 def test_forced_targets_keep_the_largest_z_and_weights(tmp_path, photos):
     """A search too short to prune anything: materialize forces both targets."""
     model = tiny("edsr")
-    search = FMPSearch(model, FMPConfig(params_target=0.5, weight_sparsity=0.3), total_steps=8)
+    search = FMPSearch(model, FMPConfig(params=0.5, weight_sparsity=0.3, check_every=100), total_steps=8, scale=2)
     train(model, sampler(photos), train_cfg(8), tmp_path, pruner=search)
     assert search.steps_made == search.budget_steps == 4 and search.channels_locked_at is None
     gen = torch.Generator().manual_seed(0)
@@ -326,8 +330,8 @@ def test_forced_targets_keep_the_largest_z_and_weights(tmp_path, photos):
         for v in search.vectors.z.values():
             v.copy_(torch.rand(v.shape, generator=gen) + 0.01)
     z = {g: search.vectors.vector(g).detach().abs().clone() for g in search.searched}
-    compact = search.materialize()
-    report = search.finetune_pruner(compact).finalize()
+    compact = materialize(search)
+    report = finetune_pruner(search, compact).finalize()
     assert report["forced"] is True and report["forced_parts"] == {"channels": True, "weights": True}
     assert report["achieved_params_fraction"] <= 0.5 and report["search_steps"] == 4
     # Forced channels: every group kept its largest |z| (one global ascending order removed the rest).
@@ -347,9 +351,9 @@ def test_forced_targets_keep_the_largest_z_and_weights(tmp_path, photos):
 def test_macs_target_on_rdn_is_forced_by_mac_count(butterfly):
     model = tiny("rdn")
     before = model_stats(model, 2)["macs_1280x720"]
-    search = FMPSearch(model, FMPConfig(macs_target=0.4, weight_sparsity=0.5), total_steps=10)
-    compact = search.materialize()
-    report = search.finetune_pruner(compact).finalize()
+    search = FMPSearch(model, FMPConfig(macs=0.4, weight_sparsity=0.5), total_steps=10, scale=2)
+    compact = materialize(search)
+    report = finetune_pruner(search, compact).finalize()
     stats = model_stats(compact, 2)
     assert report["forced_parts"] == {"channels": True, "weights": True}
     assert stats["macs_1280x720"] == report["compact"]["macs"] <= 0.4 * before
@@ -361,7 +365,7 @@ def test_macs_target_on_rdn_is_forced_by_mac_count(butterfly):
 def test_channel_only_meta_pruning_has_no_weight_zeros(tmp_path, photos):
     model = tiny("edsr")
     before = model_stats(model, 2)["params"]
-    compact, report = run_fmp(model, sampler(photos), train_cfg(8), tmp_path, FMPConfig(params_target=0.5))
+    compact, report = fmp.run(model, sampler(photos), train_cfg(8), tmp_path, FMPConfig(params=0.5, weight_sparsity=0.0))
     assert report["method"] == "channel-only" and report["weight_masks"] is None
     assert report["achieved_sparsity_pruned_layers"] < 0.01  # zeros only by chance
     assert model_stats(compact, 2)["params"] <= 0.5 * before
@@ -370,7 +374,7 @@ def test_channel_only_meta_pruning_has_no_weight_zeros(tmp_path, photos):
 def test_l1_baseline_keeps_the_highest_l1_channels(tmp_path, photos):
     model = tiny("edsr").eval()
     groups = find_groups(model)
-    keep, cost = l1_keep(model, groups, 0.5)
+    keep, cost = l1_keep(model, groups, 2, ChannelL1Config(params=0.5))
     assert cost.fraction({g: int(k.sum()) for g, k in keep.items()}, "params") <= 0.5
     # The residual stream by hand: channel j is written by head.0, the block's second conv and the final body
     # conv; its score sums the L1 norms of those three filters, divided by the group's mean.
@@ -386,7 +390,7 @@ def test_l1_baseline_keeps_the_highest_l1_channels(tmp_path, photos):
     filters = model.get_submodule("tail.0.0").weight.detach().abs().sum(dim=(1, 2, 3)).view(16, 4).sum(1)
     n_up = int(keep[up.id].sum())
     assert set(torch.topk(filters, n_up).indices.tolist()) == set(torch.nonzero(keep[up.id]).flatten().tolist())
-    compact, report = run_channel_l1(model, sampler(photos), train_cfg(2), tmp_path, params_target=0.5)
+    compact, report = channel_l1.run(model, sampler(photos), train_cfg(2), tmp_path, ChannelL1Config(params=0.5))
     stats = model_stats(compact, 2)
     assert report["method"] == "channel-l1" and report["compact"]["params"] == stats["params"]
     assert stats["params"] <= 0.5 * model_stats(model, 2)["params"] and report["finetune_steps"] == 2
@@ -395,7 +399,7 @@ def test_l1_baseline_keeps_the_highest_l1_channels(tmp_path, photos):
 def test_channel_cost_matches_model_stats_on_rdn():
     model = tiny("rdn").eval()
     groups = find_groups(model)
-    keep, cost = l1_keep(model, groups, 0.4)
+    keep, cost = l1_keep(model, groups, 2, ChannelL1Config(params=0.4))
     from compress.pruning.slicing import slice_model
 
     stats = model_stats(slice_model(model, groups, keep), 2)
@@ -406,11 +410,11 @@ def test_channel_cost_matches_model_stats_on_rdn():
 
 def test_resume_reproduces_vectors_indicators_and_trace(tmp_path, photos):
     fast = {**FAST, "lambda_channel": 30.0, "lambda_weight": 5e-2, "check_every": 2}
-    config = FMPConfig(params_target=0.5, weight_sparsity=0.3, **fast)
+    config = FMPConfig(params=0.5, weight_sparsity=0.3, **fast)
 
     def run(steps: int, folder: str):
         model = tiny("edsr")
-        search = FMPSearch(model, config, total_steps=40)
+        search = FMPSearch(model, config, total_steps=40, scale=2)
         cfg = train_cfg(steps, lr=LR, lr_min_ratio=1.0, save_every=4)
         train(model, sampler(photos), cfg, tmp_path / folder, pruner=search)
         return model, search
@@ -439,13 +443,15 @@ def test_resume_reproduces_vectors_indicators_and_trace(tmp_path, photos):
 
 
 def test_bad_configs_are_refused():
-    with pytest.raises(ValueError, match="exactly one of params_target and macs_target"):
+    with pytest.raises(ValueError, match="params or --macs is needed by the channel methods"):
         FMPConfig()
-    with pytest.raises(ValueError, match="exactly one"):
-        FMPConfig(params_target=0.5, macs_target=0.5)
+    with pytest.raises(ValueError, match="one of them, not both"):
+        FMPConfig(params=0.5, macs=0.5, weight_sparsity=0.3)
+    with pytest.raises(ValueError, match="weight_sparsity is needed by --method fmp"):
+        FMPConfig(params=0.5)
     with pytest.raises(ValueError, match="weight_sparsity must be in"):
-        FMPConfig(params_target=0.5, weight_sparsity=1.0)
+        FMPConfig(params=0.5, weight_sparsity=1.0)
     with pytest.raises(ValueError, match="smallest reachable fraction"):
-        FMPSearch(tiny("edsr"), FMPConfig(params_target=0.01), total_steps=10)
+        FMPSearch(tiny("edsr"), FMPConfig(params=0.01, weight_sparsity=0.0), total_steps=10, scale=2)
     with pytest.raises(ValueError, match="smallest reachable fraction"):
-        l1_keep(tiny("edsr"), find_groups(tiny("edsr")), 0.01)
+        l1_keep(tiny("edsr"), find_groups(tiny("edsr")), 2, ChannelL1Config(params=0.01))

@@ -12,9 +12,9 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.data import PatchSampler
 from compress.evaluate import validator
 from compress.models import create_model
-from compress.pruning.gates import bake, select_convs
-from compress.pruning.iks import IKSConfig, IKSGate, IKSPruner, theta_shape
-from compress.train import TrainConfig, train
+from compress.pruning.gates import bake, select_layers
+from compress.pruning.methods.iks import IKSConfig, IKSGate, IKSPruner, theta_shape
+from compress.train import TrainConfig, TrainData, train
 from conftest import REPO, run_module
 from edgesr.datasets import load_test_set, load_training_images
 from edgesr.errors import CheckFailed
@@ -33,22 +33,22 @@ def small_model(feats: int = 8):
 def test_soft_and_hard_gate_by_hand():
     w = torch.tensor([0.5, -0.5, 0.01, -0.02, 0.0]).view(5, 1, 1, 1)
     theta = torch.logit(torch.tensor(0.1)).item()  # threshold sigmoid(θ) = 0.1
-    soft = IKSGate(w, "layer", theta_init=theta, gate="soft")
+    soft = IKSGate(w, (1,), theta_init=theta, gate="soft")
     out = soft(w).flatten()
     assert torch.allclose(out, torch.tensor([0.4, -0.4, 0.0, 0.0, 0.0]), atol=1e-6)
-    hard = IKSGate(w, "layer", theta_init=theta, gate="hard")
+    hard = IKSGate(w, (1,), theta_init=theta, gate="hard")
     assert torch.equal(hard(w).flatten(), torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0]))
 
 
 def test_gate_gradients_follow_the_reference():
     w = torch.tensor([0.5, -0.3, 0.05]).view(3, 1, 1, 1).requires_grad_()
-    gate = IKSGate(w, "weight", theta_init=-2.0, gate="soft")  # threshold ~0.119
+    gate = IKSGate(w, tuple(w.shape), theta_init=-2.0, gate="soft")  # threshold ~0.119
     gate(w).sum().backward()
     t = torch.sigmoid(torch.tensor(-2.0))
     # Live weights: dW'/dW = 1 and dW'/dθ = -sign(W) σ'(θ); the dead one (|w| <= t) gets no gradient at all.
     assert torch.allclose(w.grad.flatten(), torch.tensor([1.0, 1.0, 0.0]))
     assert torch.allclose(gate.theta.grad.flatten(), torch.tensor([-1.0, 1.0, 0.0]) * t * (1 - t))
-    hard = IKSGate(w, "weight", theta_init=-2.0, gate="hard")
+    hard = IKSGate(w, tuple(w.shape), theta_init=-2.0, gate="hard")
     hard(w).sum().backward()
     assert hard.theta.grad is None or torch.count_nonzero(hard.theta.grad) == 0
 
@@ -58,16 +58,19 @@ def test_gate_gradients_follow_the_reference():
     [("weight", (4, 3, 3, 3)), ("kernel", (4, 3, 1, 1)), ("filter", (4, 1, 1, 1)), ("layer", (1,))],
 )
 def test_theta_granularity_shapes(granularity, shape):
-    assert theta_shape(torch.Size((4, 3, 3, 3)), granularity) == shape
+    assert theta_shape(torch.nn.Conv2d(3, 4, 3), granularity) == shape
+    # ConvTranspose2d keeps its weight as [in, out, kh, kw]: a filter is one output channel, along dim 1.
+    transposed = {"weight": (3, 4, 3, 3), "kernel": (3, 4, 1, 1), "filter": (1, 4, 1, 1), "layer": (1,)}
+    assert theta_shape(torch.nn.ConvTranspose2d(3, 4, 3), granularity) == transposed[granularity]
 
 
 def test_default_layers_are_edsr_body_convs_and_net_starts_dense():
     model = small_model()
     x = torch.rand(1, 3, 16, 16)
     dense_out = model(x)
-    pruner = IKSPruner(model, IKSConfig(target=0.5, total_steps=100))
+    pruner = IKSPruner(model, IKSConfig(sparsity=0.5), 100)
     assert list(pruner.layers) == ["body.0.body.0", "body.0.body.2", "body.1"]
-    assert set(select_convs(model, "all")) - set(pruner.layers) == {"head.0", "tail.0.0", "tail.1"}
+    assert set(select_layers(model, "all")) - set(pruner.layers) == {"head.0", "tail.0.0", "tail.1"}
     # θ0 = -12: threshold ~6e-6 changes nothing visible.
     assert pruner.gated_sparsity() == 0.0
     assert torch.allclose(model(x), dense_out, atol=1e-4)
@@ -84,9 +87,9 @@ def _set_weights(pruner: IKSPruner, zero_fraction: float) -> None:
 
 def test_decay_rule_distance_band_and_end_exactly_as_reference():
     model = small_model()
-    cfg = IKSConfig(target=0.5, total_steps=40, eval_every=2, decay_distance=3)  # 20 epochs, D = 3
-    pruner = IKSPruner(model, cfg)
-    assert cfg.epochs == 20
+    cfg = IKSConfig(sparsity=0.5, eval_every=2, decay_distance=3)  # 20 epochs, D = 3
+    pruner = IKSPruner(model, cfg, 40)
+    assert pruner.epochs == 20
     thetas = lambda: torch.cat([t.detach().flatten() for t in pruner.thetas()])  # noqa: E731
     _set_weights(pruner, 0.25)
     s = pruner.gated_sparsity()
@@ -114,7 +117,7 @@ def test_decay_rule_distance_band_and_end_exactly_as_reference():
 
 def test_bake_gives_plain_convs_with_exact_zeros_and_same_output():
     model = small_model()
-    pruner = IKSPruner(model, IKSConfig(target=0.5, total_steps=10, granularity="kernel"))
+    pruner = IKSPruner(model, IKSConfig(sparsity=0.5, granularity="kernel"), 10)
     with torch.no_grad():
         for theta in pruner.thetas():
             theta.uniform_(-4.5, -2.5)  # thresholds 0.01 .. 0.08: a real mix of dead and live weights
@@ -128,17 +131,17 @@ def test_bake_gives_plain_convs_with_exact_zeros_and_same_output():
     zeros = sum(int((plain.get_submodule(n).weight == 0).sum()) for n in pruner.layers)
     total = sum(plain.get_submodule(n).weight.numel() for n in pruner.layers)
     assert 100 * zeros / total == pytest.approx(s)
-    negative_zeros = [torch.signbit(c.weight[c.weight == 0]).any() for c in select_convs(plain, "all").values()]
+    negative_zeros = [torch.signbit(c.weight[c.weight == 0]).any() for c in select_layers(plain, "all").values()]
     assert not any(negative_zeros)
 
 
 def test_short_run_lands_in_band_and_selection_never_returns_below_target(tmp_path, photos):
     model = small_model(feats=16)
     cfg = TrainConfig(steps=300, batch_size=4, lr_patch=16, save_every=1000, lr=5e-4, device="cpu")
-    iks = IKSConfig(target=0.8, total_steps=cfg.steps, eval_every=2, decay_distance=3)
+    iks = IKSConfig(sparsity=0.8, eval_every=2, decay_distance=3)
     val = validator(load_test_set("butterfly", 2), 2)
-    pruner = IKSPruner(model, iks, validate=val)
-    train(model, PatchSampler(photos, 2, 16, 4, 0), cfg, tmp_path, pruner=pruner)
+    pruner = IKSPruner(model, iks, cfg.steps, validate=val)
+    train(model, TrainData(PatchSampler(photos, 2, 16, 4, 0), 2), cfg, tmp_path, pruner=pruner)
     info = pruner.finalize()
     achieved = info["achieved_sparsity_pruned_layers"]
     assert 0.80 <= achieved <= 0.81, info["trace_step_sparsity_pct_val_psnr"][-20:]
@@ -153,8 +156,8 @@ def test_short_run_lands_in_band_and_selection_never_returns_below_target(tmp_pa
 def test_unreached_target_fails_instead_of_returning_a_denser_model(tmp_path, photos):
     model = small_model()
     cfg = TrainConfig(steps=6, batch_size=2, lr_patch=12, save_every=100, device="cpu")
-    pruner = IKSPruner(model, IKSConfig(target=0.9, total_steps=6, eval_every=2), validate=lambda m: 20.0)
-    train(model, PatchSampler(photos, 2, 12, 2, 0), cfg, tmp_path, pruner=pruner)
+    pruner = IKSPruner(model, IKSConfig(sparsity=0.9, eval_every=2), 6, validate=lambda m: 20.0)
+    train(model, TrainData(PatchSampler(photos, 2, 12, 2, 0), 2), cfg, tmp_path, pruner=pruner)
     with pytest.raises(CheckFailed, match="never validated a state at >= 90.0% sparsity"):
         pruner.finalize()
 
@@ -163,9 +166,9 @@ def test_resume_reproduces_thresholds_decays_and_selection(tmp_path, photos):
     def run(steps: int, folder: str, total: int = 12):
         model = small_model()
         cfg = TrainConfig(steps=steps, batch_size=2, lr_patch=12, save_every=4, lr_min_ratio=1.0, device="cpu")
-        iks = IKSConfig(target=0.3, total_steps=total, eval_every=1, decay_distance=1, theta_init=-4.0)
-        pruner = IKSPruner(model, iks, validate=lambda m: -float(pruner.gated_sparsity()))
-        train(model, PatchSampler(photos, 2, 12, 2, 0), cfg, tmp_path / folder, pruner=pruner)
+        iks = IKSConfig(sparsity=0.3, eval_every=1, decay_distance=1, theta_init=-4.0)
+        pruner = IKSPruner(model, iks, total, validate=lambda m: -float(pruner.gated_sparsity()))
+        train(model, TrainData(PatchSampler(photos, 2, 12, 2, 0), 2), cfg, tmp_path / folder, pruner=pruner)
         return model, pruner
 
     straight_model, straight = run(12, "a")
@@ -184,7 +187,8 @@ def run_compress(*args):
     return run_module("compress", *args)
 
 
-SMALL = ("--batch-size", "2", "--patch", "12", "--test-set", "butterfly", "--val-set", "butterfly", "--device", "cpu")
+TRAIN_SMALL = ("--batch-size", "2", "--patch", "12", "--test-set", "butterfly", "--device", "cpu")
+SMALL = (*TRAIN_SMALL, "--val-set", "butterfly")
 
 
 @pytest.fixture(scope="module")
@@ -241,23 +245,26 @@ def test_prune_cli_iks_bad_inputs(tmp_path):
     r = run_compress(*base, "--sparsity", "0.8", "--data", tmp_path / "missing")
     assert r.returncode == 2 and "missing: training data folder does not exist" in r.stderr
     r = run_compress(*base, "--sparsity", "0.8", "--layers", "trunk.*")
-    assert r.returncode == 2 and "trunk.* match no prunable conv" in r.stderr
+    assert r.returncode == 2 and "trunk.* match no prunable layer" in r.stderr
     r = run_compress(*base, "--sparsity", "0.8", "--tolerance", "0.9")
-    assert r.returncode == 2 and "tolerance must be in [0, target)" in r.stderr
+    assert r.returncode == 2 and "--tolerance must be in [0, sparsity)" in r.stderr
     # A checkpoint of another architecture: a classifier's state dict.
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 10)).state_dict(), tmp_path / "c.pt")
     r = run_compress(
         "prune", "--checkpoint", tmp_path / "c.pt", "--method", "iks", "--sparsity", "0.8", "--out", tmp_path / "x"
     )
-    assert r.returncode == 2 and "c.pt: not an edgesr checkpoint nor an EDSR-PyTorch state dict" in r.stderr
+    assert r.returncode == 2 and "c.pt: not an edgesr checkpoint, an EDSR-PyTorch state dict" in r.stderr
     # Resuming a folder whose saved run is of another architecture (wider net) is refused by name.
     wide = save_checkpoint(tmp_path / "w", small_model(16), {})
     out = tmp_path / "r"
-    ok = run_compress("prune", "--checkpoint", wide, "--sparsity", "0.5", "--steps", "2", *SMALL, "--out", out)
+    ok = run_compress("prune", "--checkpoint", wide, "--sparsity", "0.5", "--steps", "2", *TRAIN_SMALL, "--out", out)
     assert ok.returncode == 0, ok.stderr[-1000:]
-    r = run_compress("prune", "--checkpoint", parent, "--sparsity", "0.5", "--steps", "2", *SMALL, "--out", out)
+    r = run_compress("prune", "--checkpoint", parent, "--sparsity", "0.5", "--steps", "2", *TRAIN_SMALL, "--out", out)
     assert r.returncode == 2 and "train_state.pt: saved run is of another model or method" in r.stderr
-    for res in (r,):
+    # A flag of another method is refused by name rather than ignored.
+    r2 = run_compress("prune", "--checkpoint", parent, "--sparsity", "0.5", "--val-set", "hopper", "--out", out)
+    assert r2.returncode == 2 and "--val-set does not apply to --method magnitude" in r2.stderr
+    for res in (r, r2):
         assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from compress.checkpoint import load_checkpoint
 from compress.models import create_model
-from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
+from compress.pruning.methods.magnitude import prune_once
 from conftest import REPO
 from convert import coreml, mil_exec
 from convert.coreml_artifacts import torch_with_weights
@@ -37,7 +37,7 @@ class UserSR(nn.Module):
 
 
 def _prune(model: nn.Module, target: float) -> nn.Module:
-    GradualMagnitudePruner(model, MagnitudeConfig(target=target, end_step=1)).finalize()
+    prune_once(model, target)
     return model.eval()
 
 

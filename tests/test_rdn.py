@@ -1,11 +1,14 @@
 """RDN presets: shapes at every scale, the idealo ISR psnr-small parameter count, registry and width overrides."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from compress.models import build_from_spec, create_model, default_sparse_layers, list_models, model_spec
-from compress.pruning.gates import select_convs
+from compress.models.shapes import apply_shapes, record_shapes, resize_tensor
+from compress.pruning.gates import select_layers
 from edgesr.errors import BadInput
 
 # idealo ISR psnr-small (rdn-C3-D10-G64-G064-x2) as shipped in @upscalerjs/models 0.9.0: 2,619,635 parameters
@@ -45,20 +48,30 @@ def test_registry():
     assert model_spec(model)["arch"] == "rdn"
     assert default_sparse_layers(model) == ["rdbs.*"]
     cfg = model.config
-    assert len(select_convs(model, "default")) == cfg.D * (cfg.C + 1)
+    assert len(select_layers(model, "default")) == cfg.D * (cfg.C + 1)
     with pytest.raises(BadInput, match="upscaling must be one of shuffle, nearest"):
         create_model("rdn-tiny", upscaling="bicubic")
     with pytest.raises(BadInput, match="scale must be 2, 3 or 4"):
         create_model("rdn-tiny", scale=8)
 
 
-def test_width_overrides_rebuild_from_json_like_spec():
-    model = create_model("rdn-tiny", scale=2, conv_channels=[["rdbs.0.convs.0", 5, 32], ["rdbs.0.convs.1", 16, 37]])
-    assert model.rdbs[0].convs[0].weight.shape == (5, 32, 3, 3)
-    assert model.config.conv_channels == (("rdbs.0.convs.0", 5, 32), ("rdbs.0.convs.1", 16, 37))
+def test_recorded_shapes_rebuild_a_narrowed_model_and_bad_shapes_are_refused():
+    model = create_model("rdn-tiny", scale=2)
+    conv = model.rdbs[0].convs[0]
+    resize_tensor(conv, "weight", (5, 32, 3, 3))
+    resize_tensor(conv, "bias", (5,))
+    conv.out_channels = 5
+    shapes = record_shapes(model)
+    assert shapes["rdbs.0.convs.0"] == {
+        "type": "Conv2d",
+        "attrs": {"in_channels": 32, "out_channels": 5, "groups": 1},
+        "tensors": {"weight": [5, 32, 3, 3], "bias": [5]},
+    }
     rebuilt = build_from_spec(model_spec(model))
+    apply_shapes(rebuilt, json.loads(json.dumps(shapes)))  # as a manifest carries them
     rebuilt.load_state_dict(model.state_dict(), strict=True)
-    with pytest.raises(BadInput, match="conv_channels names 'nope'"):
-        create_model("rdn-tiny", conv_channels=[["nope", 1, 1]])
-    with pytest.raises(BadInput, match="conv_channels names 'sub_mean'"):  # EDSR's fixed MeanShift stays fixed
-        create_model("edsr-tiny", conv_channels=[["sub_mean", 3, 3]])
+    assert rebuilt.rdbs[0].convs[0].out_channels == 5
+    with pytest.raises(BadInput, match="recorded shapes name module 'nope'"):
+        apply_shapes(build_from_spec(model_spec(model)), {"nope": shapes["rdbs.0.convs.0"]})
+    with pytest.raises(BadInput, match="module 'f_m1' is a Conv2d in the rebuilt model, the checkpoint recorded a"):
+        apply_shapes(build_from_spec(model_spec(model)), {"f_m1": {**shapes["f_m1"], "type": "Linear"}})

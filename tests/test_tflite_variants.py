@@ -16,7 +16,7 @@ from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from compress.checkpoint import load_checkpoint
-from compress.pruning.magnitude import GradualMagnitudePruner, MagnitudeConfig
+from compress.pruning.methods.magnitude import prune_once
 from conftest import REPO
 from convert import parity
 from convert.calibration import calibration_patches
@@ -45,7 +45,7 @@ def built(tmp_path_factory):
     model, _ = load_checkpoint(REPO / "checkpoints/edsr-tiny-x2/model.pt")
     # the body convs (EDSR's default sparse layers): one-shot 80 % there keeps a usable SR model (33 dB Y-PSNR on
     # the sporco crops vs 41 dense), which the quality comparisons between precisions need
-    GradualMagnitudePruner(model, MagnitudeConfig(target=0.8, end_step=1, layers="default")).finalize()
+    prune_once(model, 0.8, layers="default")
     model.eval()
     staging = tmp_path_factory.mktemp("tflite-variants")
     x = parity.parity_tile(TILE, SCALE)
@@ -281,7 +281,7 @@ def conv_first(tmp_path_factory):
         torch.nn.Conv2d(16, 12, 3, padding=1),
         torch.nn.PixelShuffle(2),
     )
-    GradualMagnitudePruner(model, MagnitudeConfig(target=0.8, end_step=1, layers="all")).finalize()
+    prune_once(model, 0.8, layers="all")
     model.eval()
     staging = tmp_path_factory.mktemp("tflite-conv-first")
     x = parity.parity_tile(TILE, SCALE)

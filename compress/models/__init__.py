@@ -1,22 +1,31 @@
-"""Model registry: `create_model(name, scale)` is the one way to build an SR network; checkpoints rebuild it.
+"""Model registry and recipes: how every SR network edgesr handles is built, and rebuilt from a checkpoint.
 
-A model's identity in checkpoints and manifests is (arch, config dict), so anything in the registry can be
-saved by `compress.checkpoint` and rebuilt without code changes.
+A model's recipe is what builds its architecture again, as a plain dict that checkpoints store:
+- `{"kind": "preset", "arch": "edsr", "config": {...}}` for edgesr's own architectures (`create_model(name)`);
+- `{"kind": "factory", "factory": "nets/sr.py:build", "factory_args": {...}, "factory_sha256": ...}` for a user's
+  model, built by calling their factory again.
+A pruned network is its recipe plus the per-module shapes of `compress.models.shapes`, so presets and user models
+are rebuilt the same way.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from compress.models.edsr import EDSR, EDSRConfig, edsr_config
 from compress.models.edsr import PRESETS as EDSR_PRESETS
+from compress.models.factory import build_factory_model, factory_file_sha256
 from compress.models.rdn import PRESETS as RDN_PRESETS
 from compress.models.rdn import RDN, RDNConfig, rdn_config
 from edgesr.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 ARCHS: dict[str, tuple[type, type]] = {"edsr": (EDSR, EDSRConfig), "rdn": (RDN, RDNConfig)}
 # Preset name -> (architecture class, config builder(preset, scale, **overrides)).
@@ -38,7 +47,7 @@ def list_models() -> list[str]:
 def create_model(name: str, scale: int = 2, **overrides: Any) -> nn.Module:
     """Build a registered preset, e.g. `create_model("edsr-baseline", scale=4)`."""
     if name not in PRESETS:
-        raise BadInput(f"unknown model '{name}'; known: {', '.join(list_models())}")
+        raise BadInput(f"unknown model '{name}'; known: {', '.join(list_models())}, or MODULE:FACTORY")
     try:
         cls, make_config = PRESETS[name]
         return cls(make_config(name, scale, **overrides))
@@ -47,16 +56,11 @@ def create_model(name: str, scale: int = 2, **overrides: Any) -> nn.Module:
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
-    """What a checkpoint stores to rebuild the model: {"arch": ..., "config": {...}}."""
+    """An edgesr architecture's identity: {"arch": ..., "config": {...}}; TypeError for any other model."""
     for arch, (cls, _) in ARCHS.items():
         if isinstance(model, cls):
             return {"arch": arch, "config": asdict(model.config)}
     raise TypeError(f"{type(model).__name__} is not a registered architecture")
-
-
-def default_sparse_layers(model: nn.Module) -> list[str]:
-    """The architecture's default sparse-layer globs (see DEFAULT_SPARSE_LAYERS)."""
-    return list(DEFAULT_SPARSE_LAYERS[model_spec(model)["arch"]])
 
 
 def build_from_spec(spec: dict[str, Any], origin: str = "checkpoint") -> nn.Module:
@@ -73,3 +77,44 @@ def build_from_spec(spec: dict[str, Any], origin: str = "checkpoint") -> nn.Modu
         return cls(cfg_cls(**cfg))
     except (TypeError, ValueError) as exc:
         raise BadInput(f"{origin}: bad {arch} config: {exc}") from None
+
+
+def preset_recipe(model: nn.Module) -> dict[str, Any]:
+    return {"kind": "preset", **model_spec(model)}
+
+
+def factory_recipe(factory: str, factory_args: dict[str, Any]) -> dict[str, Any]:
+    """A user factory's recipe; a .py path is stored resolved, so the checkpoint rebuilds from any folder."""
+    module_name, _, func = factory.rpartition(":")
+    path = Path(module_name)
+    resolved = f"{path.resolve()}:{func}" if module_name.endswith(".py") and path.is_file() else factory
+    return {
+        "kind": "factory",
+        "factory": resolved,
+        "factory_args": dict(factory_args),
+        "factory_sha256": factory_file_sha256(factory),
+    }
+
+
+def build_from_recipe(recipe: dict[str, Any], origin: str = "checkpoint") -> nn.Module:
+    """The architecture a recipe names, freshly initialised (the caller loads the weights)."""
+    kind = recipe.get("kind")
+    if kind == "preset":
+        return build_from_spec(recipe, origin)
+    if kind == "factory":
+        factory, args = recipe.get("factory"), recipe.get("factory_args") or {}
+        if not isinstance(factory, str) or not isinstance(args, dict):
+            raise BadInput(f"{origin}: damaged factory recipe {recipe!r:.200}")
+        digest = factory_file_sha256(factory) if ":" in factory else None
+        if recipe.get("factory_sha256") and digest and digest != recipe["factory_sha256"]:
+            log.warning("%s: %s changed since the checkpoint was written", origin, factory.rpartition(":")[0])
+        return build_factory_model(factory, args)
+    raise BadInput(f"{origin}: unknown model recipe kind {kind!r} (expected preset or factory)")
+
+
+def default_sparse_layers(model: nn.Module) -> list[str] | None:
+    """The architecture's default sparse-layer globs (see DEFAULT_SPARSE_LAYERS); None for other models."""
+    try:
+        return list(DEFAULT_SPARSE_LAYERS[model_spec(model)["arch"]])
+    except TypeError:
+        return None

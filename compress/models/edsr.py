@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.models.widths import apply_conv_channels, normalize_conv_channels
-
 # DIV2K RGB mean used by EDSR-PyTorch's MeanShift.
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -31,16 +29,12 @@ class EDSRConfig:
     # Add a bilinear upsampling of the input to the output. Not in the paper: it lets a tiny net beat bicubic
     # after minutes of CPU training. RESIZE_BILINEAR converts to TFLite and Core ML.
     bilinear_skip: bool = False
-    # Per-conv width overrides (module name, out_channels, in_channels), applied after building: how a
-    # channel-pruned (sliced) network is rebuilt from its spec. Empty for every unpruned model.
-    conv_channels: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.scale not in (2, 3, 4):
             raise ValueError(f"EDSRConfig.scale must be 2, 3 or 4, got {self.scale}")
         if self.n_resblocks < 1 or self.n_feats < 1:
             raise ValueError(f"EDSRConfig needs n_resblocks >= 1 and n_feats >= 1, got {self}")
-        object.__setattr__(self, "conv_channels", normalize_conv_channels(self.conv_channels))
 
 
 class MeanShift(nn.Conv2d):
@@ -91,7 +85,6 @@ class EDSR(nn.Module):
         self.body = nn.Sequential(*[ResBlock(c, config.res_scale) for _ in range(n)], conv3x3(c, c))
         self.tail = nn.Sequential(Upsampler(config.scale, c), conv3x3(c, config.n_colors))
         self.add_mean = MeanShift(config.rgb_range, +1)
-        apply_conv_channels(self, config.conv_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) RGB in [0, 1] -> (N, 3, sH, sW), not clamped."""

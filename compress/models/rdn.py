@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.models.widths import apply_conv_channels, normalize_conv_channels
-
 UPSCALING = ("shuffle", "nearest")
 
 
@@ -39,8 +37,6 @@ class RDNConfig:
     n_colors: int = 3
     upscaling: str = "shuffle"
     upn_channels: tuple[int, int] = (64, 32)  # widths of UPN1 and UPN2 (fixed at 64 and 32 in ISR)
-    # Per-conv width overrides (module name, out_channels, in_channels), as in EDSRConfig: sliced networks.
-    conv_channels: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.scale not in (2, 3, 4):
@@ -53,7 +49,6 @@ class RDNConfig:
         if len(upn) != 2 or min(upn) < 1:
             raise ValueError(f"RDNConfig.upn_channels must be two widths >= 1, got {self.upn_channels!r}")
         object.__setattr__(self, "upn_channels", upn)
-        object.__setattr__(self, "conv_channels", normalize_conv_channels(self.conv_channels))
 
 
 def conv(c_in: int, c_out: int, k: int = 3) -> nn.Conv2d:
@@ -89,7 +84,6 @@ class RDN(nn.Module):
         shuffle = config.upscaling == "shuffle"
         self.upsample = nn.PixelShuffle(s) if shuffle else nn.Upsample(scale_factor=s, mode="nearest")
         self.sr = conv(rgb if shuffle else rgb * s * s, rgb)
-        apply_conv_channels(self, config.conv_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) RGB in [0, 1] -> (N, 3, sH, sW), not clamped."""

@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+
+from compress.pruning.gates import bake, layer_sparsity
 
 
 class Pruner:
@@ -46,3 +49,28 @@ class Pruner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class FixedMaskPruner(Pruner):
+    """Fine-tunes a model whose `layers` may carry MaskGates (held fixed); finalize bakes them.
+
+    `record` is what the manifest gets, completed with the sparsity measured after baking. The channel methods
+    fine-tune their compact nets with it (FMP's weight masks; channel-l1 has none).
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], record: dict[str, Any], name: str) -> None:
+        self.name = name
+        self.layers = {n: model.get_submodule(n) for n in layers}
+        self.gated = {n: c for n, c in self.layers.items() if parametrize.is_parametrized(c, "weight")}
+        self.record = record
+
+    @torch.no_grad()
+    def finalize(self) -> dict[str, Any]:
+        bake(self.gated)
+        achieved, per_layer = layer_sparsity(self.layers)
+        return {
+            **self.record,
+            "pruned_layers": list(self.layers),
+            "achieved_sparsity_pruned_layers": achieved,
+            "per_layer_sparsity": per_layer,
+        }

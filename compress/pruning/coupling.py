@@ -1,18 +1,28 @@
-"""Channel coupling: which conv output and input channels must be pruned together, for any traced SR network.
+"""Channel coupling: which channels of which layers must be pruned together, for any traced SR network.
 
-Why: channel pruning (FMP/DHP channel vectors) removes whole channels, and in an SR net a channel is rarely
-owned by one conv. Residual adds tie every conv writing into the stream, concats place a producer's channels at
-an offset inside a consumer's input, and PixelShuffle folds s^2 conv outputs into one channel. Torch-Pruning
-gets the last one wrong (it treats PixelShuffle as channel-preserving; VainF/Torch-Pruning#420).
+Why: channel pruning (FMP/DHP channel vectors, L1 channel pruning) removes whole channels, and in an SR net a channel
+is rarely owned by one conv. Residual adds tie every conv writing into the stream, concats place a producer's
+channels at an offset inside a consumer's input, PixelShuffle folds s^2 conv outputs into one channel, a depthwise
+conv ties each output to one input channel, and BatchNorm / per-channel PReLU carry one parameter per channel.
+Torch-Pruning gets PixelShuffle wrong (it treats it as channel-preserving; VainF/Torch-Pruning#420).
 
-How: the model is traced with torch.fx (every nn.Conv2d is a leaf, so EDSR's MeanShift stays one node) and run
-once on an example input for shapes. Every conv output channel gets a fresh channel variable; ops map variables
-from inputs to outputs (ReLU, scalar mul, interpolate: pass through; add/sub/mul of two feature tensors: unify
-channel by channel; cat on dim 1: concatenate the lists; pixel_shuffle(s): unify each run of s^2 variables into
-one). Union-find then gives equivalence classes of channels; classes touching the same convs in the same way
-form one `ChannelGroup`, whose channel j maps to the layer channels `member.index[j]` of each member.
-A group is unprunable when it reaches the network input or output (RGB) or a fixed conv (EDSR's MeanShift).
-Ops with unknown channel semantics raise ValueError naming the node.
+How: the model is traced with torch.fx (every conv-like layer, BatchNorm and PReLU is a leaf) and run once on an
+example input for shapes. Every conv-like output channel gets a fresh channel variable; ops map variables from
+inputs to outputs (elementwise ops, padding, pooling, interpolation: pass through; add/sub/mul of two feature
+tensors: unify channel by channel; cat on dim 1: concatenate the lists; pixel_shuffle(s): unify each run of s^2
+variables into one). Union-find then gives equivalence classes of channels; classes touching the same layers in the
+same way form one `ChannelGroup`, whose channel j maps to the layer channels `member.index[j]` of each member.
+Members are conv-like outputs ("out", producers), inputs ("in", consumers) and per-channel modules ("chan").
+
+Masked and sliced must agree. Pruning a group zeroes its producers (weights, bias, and a following BatchNorm's
+scale and shift), so every tensor of the group must then be zero where a consumer reads it: each node records
+whether its channels "vanish" when their producers are zeroed. Zero-preserving ops keep that (ReLU, PReLU, padding,
+pooling, x * y when either vanishes, x + y when both do); sigmoid, exp or adding a constant do not. A consumer that
+reads a channel that would not vanish makes that channel's group fixed, so the sliced net always computes what the
+masked one does. Groups are also fixed (never pruned, with the reason recorded) when they reach the network input or
+output (RGB), a fixed conv (EDSR's MeanShift), a grouped conv, or a split/chunk/narrow/slice on the channel axis:
+those positions are literals in the model's code. Ops with unknown channel semantics raise ValueError naming the
+node and the op.
 """
 
 from __future__ import annotations
@@ -29,16 +39,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from compress.pruning.layers import (
+    CONV_LIKE,
+    groups_of,
+    in_channels,
+    is_depthwise,
+    out_channels,
+    probe_input,
+    weight_dims,
+)
+
 log = logging.getLogger(__name__)
+
+KINDS = ("out", "in", "chan")
+CHANNEL_MODULES = (nn.BatchNorm2d, nn.PReLU)  # per-channel parameters: "chan" members (PReLU with one per channel)
 
 
 @dataclass
 class GroupMember:
-    """One conv side of a group: group channel j is the layer's `kind` channels `index[j]` (shape (size, k))."""
+    """One layer side of a group: group channel j is the layer's `kind` channels `index[j]` (shape (size, k))."""
 
     layer: str
-    kind: str  # "out" (a producer's output channels) or "in" (a consumer's input channels)
-    index: torch.Tensor  # LongTensor (group size, k); k = s^2 for a conv feeding PixelShuffle(s), else 1
+    kind: str  # "out" (a producer's outputs), "in" (a consumer's inputs) or "chan" (a per-channel module)
+    index: torch.Tensor  # LongTensor (group size, k); k = s^2 for a conv feeding PixelShuffle(s), else 1 usually
 
 
 @dataclass
@@ -73,12 +96,11 @@ class ChannelGroup:
         return f"ChannelGroup({self.id}, size={self.size}, {state}; {sides})"
 
 
-# Channel-preserving ops: output channel c depends only on input channel c (for channel bookkeeping).
-PASS_MODULES = (
+# Channel-preserving ops (output channel c depends only on input channel c) that map zero to zero.
+ZERO_KEEPING_MODULES = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
-    nn.Sigmoid,
     nn.Tanh,
     nn.GELU,
     nn.SiLU,
@@ -89,8 +111,12 @@ PASS_MODULES = (
     nn.AvgPool2d,
     nn.MaxPool2d,
     nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.ZeroPad2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
 )
-PASS_FUNCTIONS = {
+ZERO_KEEPING_FUNCTIONS = {
     F.relu,
     torch.relu,
     F.relu6,
@@ -98,58 +124,57 @@ PASS_FUNCTIONS = {
     F.gelu,
     F.silu,
     F.hardtanh,
-    torch.sigmoid,
     torch.tanh,
-    torch.clamp,
+    F.tanh,
     operator.neg,
     torch.neg,
+    torch.abs,
+    torch.sqrt,
     F.interpolate,
     F.dropout,
     F.avg_pool2d,
     F.max_pool2d,
     F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.pad,
 }
-PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_", "neg", "contiguous", "clone", "float"}
+ZERO_KEEPING_METHODS = {"relu", "relu_", "tanh", "neg", "abs", "sqrt", "contiguous", "clone", "float"}
+# Channel-preserving ops whose output is not zero where their input is (sigmoid(0) = 0.5).
+NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+NONZERO_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.exp, torch.rsqrt, torch.cos}
+NONZERO_METHODS = {"sigmoid", "exp", "rsqrt"}
+# Reductions over spatial dims (the channel dim must not be reduced): zero-keeping.
+REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 # Elementwise binary ops: two feature operands are unified channel by channel; a scalar operand passes through.
-BINARY_FUNCTIONS = {
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.truediv,
-    operator.iadd,
-    operator.isub,
-    operator.imul,
-    operator.itruediv,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
-}
-BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+ADD_FUNCTIONS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub}
+MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
+ADD_METHODS, MUL_METHODS, DIV_METHODS = {"add", "add_", "sub", "sub_"}, {"mul", "mul_"}, {"div", "div_"}
+POW = ({operator.pow, torch.pow}, {"pow", "pow_"})
+CLAMP = ({torch.clamp, torch.clip}, {"clamp", "clamp_", "clip"})
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 SHUFFLE_FUNCTIONS = {F.pixel_shuffle, torch.pixel_shuffle}
 UNSHUFFLE_FUNCTIONS = {F.pixel_unshuffle, torch.pixel_unshuffle}
+SPLIT = ({torch.split, torch.chunk, torch.tensor_split}, {"split", "chunk", "split_with_sizes", "tensor_split"})
+NARROW = ({torch.narrow}, {"narrow"})
 
 
-class _ConvLeafTracer(fx.Tracer):
-    """Default fx tracer, except that every Conv2d (also subclasses such as MeanShift) is one call_module node."""
+class _LeafTracer(fx.Tracer):
+    """The default fx tracer, except that conv-like layers (also subclasses such as MeanShift), BatchNorm and PReLU
+    are one call_module node each."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, CONV_LIKE + CHANNEL_MODULES) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    graph = _ConvLeafTracer().trace(model)
+    graph = _LeafTracer().trace(model)
     return fx.GraphModule(model, graph)
 
 
-def _default_input(model: nn.Module) -> torch.Tensor:
-    config = getattr(model, "config", None)
-    colors = getattr(config, "n_colors", None)
-    if colors is None:
-        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        colors = first.in_channels if first is not None else 3
-    return torch.rand(1, colors, 16, 16)
+def _op_name(fn: Any) -> str:
+    return getattr(fn, "__name__", str(fn))
 
 
 class _Analysis:
@@ -161,7 +186,9 @@ class _Analysis:
         self.flags: list[set[str]] = []  # reasons a variable's class is not prunable (valid at roots)
         self.sides: list[tuple[str, str, int, int]] = []  # (layer, kind, layer channel, variable)
         self.chans: dict[fx.Node, list[int]] = {}  # feature tensor node -> variable per channel
-        self.conv_calls: dict[str, tuple[list[int], list[int]]] = {}  # conv name -> (in vars, out vars)
+        self.vanish: dict[fx.Node, list[bool]] = {}  # ... -> per channel: zero once its producers are zeroed
+        self.parts: dict[fx.Node, list[tuple[list[int], list[bool]]]] = {}  # split node -> its parts
+        self.layer_calls: dict[str, tuple[list[int], list[int]]] = {}  # layer name -> (in vars, out vars)
 
     # union-find
     def new(self, n: int, flag: str | None = None) -> list[int]:
@@ -195,20 +222,31 @@ class _Analysis:
                     if len(shape) != 4:
                         raise ValueError(f"coupling: input '{node.name}' has shape {tuple(shape)}, expected NCHW")
                     self.chans[node] = self.new(shape[1], "reaches the network input")
+                    self.vanish[node] = [True] * shape[1]  # never pruned: no need to flag its readers too
             elif node.op == "output":
                 fx.node.map_arg(node.args, lambda n: self.flag(self.chans.get(n, []), "reaches the network output"))
             elif node.op in ("call_module", "call_function", "call_method"):
-                feeds = [n for n in node.all_input_nodes if n in self.chans]
-                if not feeds or self._shape(node) is None:
+                if self._split_part(node):
+                    continue
+                feeds = [n for n in node.all_input_nodes if n in self.chans or n in self.parts]
+                if not feeds:
                     continue  # a constant, or a non-tensor value such as x.shape
-                out = self._visit(node)
+                if self._is_split(node):
+                    self.parts[node] = self._split(node)
+                    continue
+                meta = node.meta.get("tensor_meta")
+                if meta is None:
+                    continue  # not a tensor: x.shape, x.size(2), ...
                 shape = self._shape(node)
+                if shape is None:
+                    raise self._unknown(node, "it returns several tensors")
+                out, vanish = self._visit(node)
                 if len(shape) != 4 or len(out) != shape[1]:
                     raise ValueError(
                         f"coupling: node '{node.name}' ({self._op(node)}) gives shape {tuple(shape)}, "
-                        f"which channel bookkeeping does not follow"
+                        f"which channel bookkeeping does not follow (it follows NCHW feature maps)"
                     )
-                self.chans[node] = out
+                self.chans[node], self.vanish[node] = out, vanish
 
     def _shape(self, node: fx.Node) -> torch.Size | None:
         meta = node.meta.get("tensor_meta")
@@ -217,103 +255,261 @@ class _Analysis:
     def _op(self, node: fx.Node) -> str:
         if node.op == "call_module":
             return f"call_module {type(self.gm.get_submodule(node.target)).__name__}"
-        return f"{node.op} {getattr(node.target, '__name__', node.target)}"
+        return f"{node.op} {_op_name(node.target)}"
 
     def _unknown(self, node: fx.Node, why: str = "unknown channel semantics") -> ValueError:
         return ValueError(f"coupling: cannot follow channels through node '{node.name}' ({self._op(node)}): {why}")
 
-    def _visit(self, node: fx.Node) -> list[int]:
+    def _is(self, node: fx.Node, funcs: set, methods: set) -> bool:
+        return (node.op == "call_function" and node.target in funcs) or (
+            node.op == "call_method" and node.target in methods
+        )
+
+    def _visit(self, node: fx.Node) -> tuple[list[int], list[bool]]:
         t = node.target
         if node.op == "call_module":
             mod = self.gm.get_submodule(t)
-            if isinstance(mod, nn.Conv2d):
-                return self._conv(node, t, mod)
+            if isinstance(mod, CONV_LIKE):
+                return self._layer(node, t, mod)
             if isinstance(mod, nn.PixelShuffle):
-                return self._shuffle(self.chans[node.args[0]], mod.upscale_factor)
+                return self._shuffle(node.args[0], mod.upscale_factor)
             if isinstance(mod, nn.PixelUnshuffle):
-                return self._unshuffle(self.chans[node.args[0]], mod.downscale_factor)
-            if isinstance(mod, nn.PReLU) and mod.num_parameters == 1 or isinstance(mod, PASS_MODULES):
-                return self.chans[node.args[0]]
+                return self._unshuffle(node.args[0], mod.downscale_factor)
+            if isinstance(mod, (nn.BatchNorm2d, nn.PReLU)):
+                return self._per_channel(node, t, mod)
+            if isinstance(mod, ZERO_KEEPING_MODULES):
+                return self._pass(node, keeps_zero=True)
+            if isinstance(mod, NONZERO_MODULES):
+                return self._pass(node, keeps_zero=False)
             raise self._unknown(node)
-        if node.op == "call_function" and t in (F.conv2d, torch.conv2d):
-            raise self._unknown(node, "functional conv2d; use an nn.Conv2d module so it can be sliced")
-        if (node.op, t) in {("call_function", f) for f in PASS_FUNCTIONS} | {("call_method", m) for m in PASS_METHODS}:
-            return self._pass(node)
-        if node.op == "call_function" and t in BINARY_FUNCTIONS or node.op == "call_method" and t in BINARY_METHODS:
-            return self._binary(node)
+        if node.op == "call_function" and t in (F.conv2d, torch.conv2d, F.conv_transpose2d, F.linear):
+            raise self._unknown(
+                node, "functional convolution; use an nn.Conv2d/ConvTranspose2d module so it can be sliced"
+            )
+        if self._is(node, ZERO_KEEPING_FUNCTIONS, ZERO_KEEPING_METHODS):
+            if t is F.pad:
+                self._check_pad(node)
+            return self._pass(node, keeps_zero=True)
+        if self._is(node, NONZERO_FUNCTIONS, NONZERO_METHODS):
+            return self._pass(node, keeps_zero=False)
+        if self._is(node, REDUCE_FUNCTIONS, REDUCE_METHODS):
+            self._check_reduce(node)
+            return self._pass(node, keeps_zero=True)
+        if self._is(node, *POW):
+            return self._pass(node, keeps_zero=self._scalar_arg(node, 1, "exponent") > 0)
+        if self._is(node, *CLAMP):
+            lo, hi = (node.args[1:3] + (None, None))[:2] if len(node.args) > 1 else (None, None)
+            lo, hi = node.kwargs.get("min", lo), node.kwargs.get("max", hi)
+            keeps = (lo is None or (isinstance(lo, (int, float)) and lo <= 0)) and (
+                hi is None or (isinstance(hi, (int, float)) and hi >= 0)
+            )
+            return self._pass(node, keeps_zero=keeps)
+        for funcs, methods, kind in (
+            (ADD_FUNCTIONS, ADD_METHODS, "add"),
+            (MUL_FUNCTIONS, MUL_METHODS, "mul"),
+            (DIV_FUNCTIONS, DIV_METHODS, "div"),
+        ):
+            if self._is(node, funcs, methods):
+                return self._binary(node, kind)
         if node.op == "call_function" and t in CAT_FUNCTIONS:
             return self._cat(node)
-        if node.op == "call_function" and t in SHUFFLE_FUNCTIONS | UNSHUFFLE_FUNCTIONS:
+        if self._is(node, SHUFFLE_FUNCTIONS | UNSHUFFLE_FUNCTIONS, {"pixel_shuffle", "pixel_unshuffle"}):
             factor = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()))
-            fn = self._shuffle if t in SHUFFLE_FUNCTIONS else self._unshuffle
-            return fn(self.chans[node.args[0]], int(factor))
-        if node.op == "call_method" and t in ("pixel_shuffle", "pixel_unshuffle"):
-            fn = self._shuffle if t == "pixel_shuffle" else self._unshuffle
-            return fn(self.chans[node.args[0]], int(node.args[1]))
+            shuffle = t in SHUFFLE_FUNCTIONS or t == "pixel_shuffle"
+            return (self._shuffle if shuffle else self._unshuffle)(node.args[0], int(factor))
+        if self._is(node, *NARROW):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+            length = node.args[3] if len(node.args) > 3 else node.kwargs.get("length")
+            return self._channel_range(node, dim, slice(int(start), int(start) + int(length)))
+        if node.op == "call_function" and t is operator.getitem:
+            return self._getitem(node)
         raise self._unknown(node)
 
-    def _conv(self, node: fx.Node, name: str, conv: nn.Conv2d) -> list[int]:
-        if conv.groups != 1:
-            raise self._unknown(node, f"grouped conv (groups={conv.groups}) is not supported")
-        x = self.chans[node.args[0]]
-        if name in self.conv_calls:  # a conv called twice: both calls share its channels
-            ins, outs = self.conv_calls[name]
-            for a, b in zip(ins + outs, x + outs, strict=True):
+    def _feature(self, node: fx.Node, arg: Any) -> tuple[list[int], list[bool]]:
+        if not isinstance(arg, fx.Node) or arg not in self.chans:
+            raise self._unknown(node, "expected a feature tensor as first argument")
+        return self.chans[arg], self.vanish[arg]
+
+    def _layer(self, node: fx.Node, name: str, layer: nn.Module) -> tuple[list[int], list[bool]]:
+        x, vanish = self._feature(node, node.args[0])
+        if name in self.layer_calls:  # a layer called twice: both calls share its channels
+            ins, outs = self.layer_calls[name]
+            for a, b in zip(ins, x, strict=True):
                 self.union(a, b)
-            return outs
-        outs = self.new(conv.out_channels)
-        self.conv_calls[name] = (x, outs)
+            self._check_reads(node, name, x, vanish)
+            return outs, [True] * len(outs)
+        outs = self.new(out_channels(layer))
+        self.layer_calls[name] = (x, outs)
         self.sides += [(name, "in", c, v) for c, v in enumerate(x)]
         self.sides += [(name, "out", c, v) for c, v in enumerate(outs)]
-        if not conv.weight.requires_grad:
-            self.flag(x + outs, f"passes through fixed conv '{name}'")
-        return outs
+        self._check_reads(node, name, x, vanish)
+        g = groups_of(layer)
+        if is_depthwise(layer) and not isinstance(layer, nn.ConvTranspose2d):
+            mult = out_channels(layer) // g  # output c*mult + i reads input channel c only
+            for c, v in enumerate(x):
+                for i in range(mult):
+                    self.union(v, outs[c * mult + i])
+        elif g > 1:
+            self.flag(x + outs, f"grouped {type(layer).__name__} '{name}' (groups={g})")
+        if not layer.weight.requires_grad:
+            kind = (
+                "transposed conv"
+                if isinstance(layer, nn.ConvTranspose2d)
+                else "linear"
+                if isinstance(layer, nn.Linear)
+                else "conv"
+            )
+            self.flag(x + outs, f"passes through fixed {kind} '{name}'")
+        return outs, [True] * len(outs)
 
-    def _pass(self, node: fx.Node) -> list[int]:
-        if len([n for n in node.all_input_nodes if n in self.chans]) != 1 or node.args[0] not in self.chans:
+    def _check_reads(self, node: fx.Node, name: str, x: list[int], vanish: list[bool]) -> None:
+        """A consumer must read channels that are zero once pruned, or slicing them away would change it."""
+        stays = [v for v, gone in zip(x, vanish, strict=True) if not gone]
+        self.flag(stays, f"'{name}' reads channels that do not vanish when pruned (e.g. through a sigmoid)")
+
+    def _per_channel(self, node: fx.Node, name: str, mod: nn.Module) -> tuple[list[int], list[bool]]:
+        x, vanish = self._feature(node, node.args[0])
+        if isinstance(mod, nn.PReLU) and mod.num_parameters == 1:
+            return x, vanish
+        self.sides += [(name, "chan", c, v) for c, v in enumerate(x)]
+        # Pruning zeroes a BatchNorm's scale and shift too (see apply_group_masks): its output vanishes.
+        return x, [True] * len(x) if isinstance(mod, nn.BatchNorm2d) else vanish
+
+    def _pass(self, node: fx.Node, keeps_zero: bool) -> tuple[list[int], list[bool]]:
+        feeds = [n for n in node.all_input_nodes if n in self.chans]
+        if len(feeds) != 1 or node.args[0] not in self.chans:
             raise self._unknown(node, "expected one feature tensor as first argument")
-        return self.chans[node.args[0]]
+        x, vanish = self.chans[node.args[0]], self.vanish[node.args[0]]
+        return x, vanish if keeps_zero else [False] * len(x)
 
-    def _binary(self, node: fx.Node) -> list[int]:
+    def _check_pad(self, node: fx.Node) -> None:
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        if not isinstance(pad, (list, tuple)) or len(pad) > 4 and any(pad[4:]):
+            raise self._unknown(node, f"padding {pad} reaches the channel axis")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
+        if value not in (None, 0, 0.0):
+            raise self._unknown(node, f"constant padding with value {value} (not zero) is not channel-exact")
+
+    def _check_reduce(self, node: fx.Node) -> None:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = dim if isinstance(dim, (list, tuple)) else [dim]
+        if dim is None or any(d in (1, -3) for d in dims):
+            raise self._unknown(node, f"reduces over the channel axis (dim={dim})")
+
+    def _scalar_arg(self, node: fx.Node, index: int, what: str) -> float:
+        value = node.args[index] if len(node.args) > index else node.kwargs.get(what)
+        if not isinstance(value, (int, float)):
+            raise self._unknown(node, f"non-constant {what}")
+        return float(value)
+
+    def _binary(self, node: fx.Node, kind: str) -> tuple[list[int], list[bool]]:
         a, b = (list(node.args) + [node.kwargs.get("other")])[:2]
-        feats = [self.chans[n] for n in (a, b) if isinstance(n, fx.Node) and n in self.chans]
-        for other in (a, b):
-            if isinstance(other, fx.Node) and other not in self.chans:
-                shape = self._shape(other)
+        operands = [(n, n in self.chans) if isinstance(n, fx.Node) else (n, False) for n in (a, b)]
+        for n, is_feature in operands:
+            if isinstance(n, fx.Node) and not is_feature:
+                shape = self._shape(n)
                 if shape is not None and shape.numel() != 1:
                     raise self._unknown(node, f"constant tensor operand of shape {tuple(shape)}")
+        feats = [(self.chans[n], self.vanish[n]) for n, is_feature in operands if is_feature]
         if not feats:
             raise self._unknown(node, "no feature tensor among the first two operands")
         if len(feats) == 2:
-            if len(feats[0]) != len(feats[1]):
-                raise self._unknown(node, f"operands have {len(feats[0])} and {len(feats[1])} channels")
-            for u, v in zip(*feats, strict=True):
+            (xa, va), (xb, vb) = feats
+            if len(xa) != len(xb):
+                raise self._unknown(node, f"operands have {len(xa)} and {len(xb)} channels")
+            for u, v in zip(xa, xb, strict=True):
                 self.union(u, v)
-        return feats[0]
+            if kind == "add":
+                vanish = [p and q for p, q in zip(va, vb, strict=True)]
+            elif kind == "mul":
+                vanish = [p or q for p, q in zip(va, vb, strict=True)]
+            else:  # a / b: zero where a is; a vanishing denominator would divide by zero
+                self.flag(
+                    [v for v, gone in zip(xb, vb, strict=True) if gone], f"divides by a pruned channel in '{node.name}'"
+                )
+                vanish = list(va)
+            return xa, vanish
+        x, vanish = feats[0]
+        scalar = b if operands[0][1] else a
+        if kind == "add" and scalar not in (0, 0.0):
+            return x, [False] * len(x)  # x + c is not zero where x is
+        if kind == "div" and not operands[0][1]:
+            raise self._unknown(node, "divides a constant by a feature tensor")
+        return x, vanish
 
-    def _cat(self, node: fx.Node) -> list[int]:
+    def _cat(self, node: fx.Node) -> tuple[list[int], list[bool]]:
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if any(n not in self.chans for n in tensors):
             raise self._unknown(node, "concatenates a constant with features")
-        parts = [self.chans[n] for n in tensors]
+        parts = [(self.chans[n], self.vanish[n]) for n in tensors]
         if dim in (1, -3):
-            return [v for part in parts for v in part]
-        for part in parts[1:]:  # concat over batch or space: the channels of all parts coincide
-            for u, v in zip(parts[0], part, strict=True):
+            return [v for p, _ in parts for v in p], [z for _, vz in parts for z in vz]
+        for part, _ in parts[1:]:  # concat over batch or space: the channels of all parts coincide
+            for u, v in zip(parts[0][0], part, strict=True):
                 self.union(u, v)
-        return parts[0]
+        return parts[0][0], [all(zs) for zs in zip(*(vz for _, vz in parts), strict=True)]
 
-    def _shuffle(self, x: list[int], s: int) -> list[int]:
+    def _shuffle(self, arg: Any, s: int) -> tuple[list[int], list[bool]]:
         """depth_to_space: output channel c is input channels c*s^2 .. c*s^2 + s^2 - 1 (one unit)."""
+        x, vanish = self.chans[arg], self.vanish[arg]
         block = s * s
         for c in range(0, len(x), block):
             for i in range(1, block):
                 self.union(x[c], x[c + i])
-        return x[::block]
+        return x[::block], [all(vanish[c : c + block]) for c in range(0, len(x), block)]
 
-    def _unshuffle(self, x: list[int], s: int) -> list[int]:
-        return [v for v in x for _ in range(s * s)]
+    def _unshuffle(self, arg: Any, s: int) -> tuple[list[int], list[bool]]:
+        x, vanish = self.chans[arg], self.vanish[arg]
+        return [v for v in x for _ in range(s * s)], [z for z in vanish for _ in range(s * s)]
+
+    # channel splits: the offsets are literals in the model's code, so the channels they touch stay fixed
+    def _is_split(self, node: fx.Node) -> bool:
+        return self._is(node, *SPLIT)
+
+    def _split(self, node: fx.Node) -> list[tuple[list[int], list[bool]]]:
+        x, vanish = self._feature(node, node.args[0])
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        meta = node.meta.get("tensor_meta")
+        sizes = [m.shape[1] if dim in (1, -3) else None for m in meta] if isinstance(meta, (list, tuple)) else None
+        if sizes is None:
+            raise self._unknown(node, "split result has no shapes")
+        if dim not in (1, -3):
+            return [(x, vanish) for _ in sizes]
+        self.flag(x, f"split at fixed channel offsets by '{node.name}'")
+        parts, start = [], 0
+        for size in sizes:
+            parts.append((x[start : start + size], vanish[start : start + size]))
+            start += size
+        return parts
+
+    def _split_part(self, node: fx.Node) -> bool:
+        """`parts[i]` of a split: record that part's channels; True when `node` was one."""
+        if node.op != "call_function" or node.target is not operator.getitem or node.args[0] not in self.parts:
+            return False
+        self.chans[node], self.vanish[node] = self.parts[node.args[0]][int(node.args[1])]
+        return True
+
+    def _channel_range(self, node: fx.Node, dim: Any, index: slice) -> tuple[list[int], list[bool]]:
+        x, vanish = self._feature(node, node.args[0])
+        if dim not in (1, -3):
+            return x, vanish
+        self.flag(x, f"sliced at fixed channel offsets by '{node.name}'")
+        return x[index], vanish[index]
+
+    def _getitem(self, node: fx.Node) -> tuple[list[int], list[bool]]:
+        index = node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis or i is None or not isinstance(i, (slice, int)) for i in index) or (
+            index and isinstance(index[0], int)
+        ):
+            raise self._unknown(node, f"indexing with {index}")
+        if len(index) > 1 and isinstance(index[1], slice) and index[1] != slice(None):
+            return self._channel_range(node, 1, index[1])
+        if len(index) > 1 and isinstance(index[1], int):
+            raise self._unknown(node, "indexing a single channel")
+        return self._feature(node, node.args[0])
 
     # result
     def groups(self) -> list[ChannelGroup]:
@@ -340,17 +536,21 @@ class _Analysis:
                 GroupMember(layer, kind, torch.tensor([sorted(s[(layer, kind)]) for _, s in classes]))
                 for layer, kind, _ in layout
             ]
-            reasons = sorted(flags) or ([] if any(m.kind == "out" for m in members) else ["no producing conv"])
+            reasons = sorted(flags) or ([] if any(m.kind == "out" for m in members) else ["no producing layer"])
             groups.append(ChannelGroup(len(groups), members, not reasons, "; ".join(reasons)))
         return groups
 
 
 def find_groups(model: nn.Module, example_input: torch.Tensor | None = None) -> list[ChannelGroup]:
-    """Coupled channel groups of `model`; every conv input and output channel lies in exactly one group."""
+    """Coupled channel groups of `model`; every conv-like input and output channel lies in exactly one group."""
     gm = trace(model)
-    x = _default_input(model) if example_input is None else example_input
-    with torch.no_grad():
-        ShapeProp(gm).propagate(x)
+    x = probe_input(model) if example_input is None else example_input
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            ShapeProp(gm.eval()).propagate(x)
+    finally:
+        model.train(was_training)
     analysis = _Analysis(gm)
     analysis.run()
     groups = analysis.groups()
@@ -358,15 +558,25 @@ def find_groups(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     return groups
 
 
+def _full_masks(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, CONV_LIKE):
+            masks[n] = {
+                "out": torch.ones(out_channels(m), dtype=torch.bool),
+                "in": torch.ones(in_channels(m), dtype=torch.bool),
+            }
+        elif isinstance(m, nn.BatchNorm2d) or isinstance(m, nn.PReLU) and m.num_parameters > 1:
+            masks[n] = {"chan": torch.ones(m.weight.shape[0], dtype=torch.bool)}
+    return masks
+
+
 def group_masks_to_layer_masks(
     model: nn.Module, groups: list[ChannelGroup], keep: dict[int, torch.Tensor]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-conv (out_keep, in_keep) bool masks from per-group keep masks (groups absent from `keep` stay whole)."""
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    masks = {
-        n: (torch.ones(m.out_channels, dtype=torch.bool), torch.ones(m.in_channels, dtype=torch.bool))
-        for n, m in convs.items()
-    }
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per layer: {"out": mask, "in": mask} (conv-like) or {"chan": mask} (BatchNorm, PReLU), from per-group keep
+    masks (groups absent from `keep` stay whole)."""
+    masks = _full_masks(model)
     by_id = {g.id: g for g in groups}
     for gid, k in keep.items():
         if gid not in by_id:
@@ -382,18 +592,26 @@ def group_masks_to_layer_masks(
             raise ValueError(f"keep mask of group {gid} removes all {g.size} channels")
         for m in g.members:
             if m.layer not in masks:
-                raise ValueError(f"group {gid} names conv '{m.layer}', which this model does not have")
-            masks[m.layer][0 if m.kind == "out" else 1][m.index[~k].flatten()] = False
+                raise ValueError(f"group {gid} names layer '{m.layer}', which this model does not have")
+            masks[m.layer][m.kind][m.index[~k].flatten()] = False
     return masks
 
 
 @torch.no_grad()
 def apply_group_masks(model: nn.Module, groups: list[ChannelGroup], keep: dict[int, torch.Tensor]) -> nn.Module:
-    """Zero the pruned channels in place (producer rows and biases, consumer columns); returns `model`."""
-    for name, (out_keep, in_keep) in group_masks_to_layer_masks(model, groups, keep).items():
-        conv = model.get_submodule(name)
-        conv.weight[~out_keep] = 0
-        conv.weight[:, ~in_keep] = 0
-        if conv.bias is not None:
-            conv.bias[~out_keep] = 0
+    """Zero the pruned channels in place (producer filters and biases, consumer inputs, a BatchNorm's scale and
+    shift); returns `model`. What remains computes what `slicing.slice_model` computes."""
+    for name, masks in group_masks_to_layer_masks(model, groups, keep).items():
+        layer = model.get_submodule(name)
+        if "chan" in masks:
+            layer.weight[~masks["chan"]] = 0
+            if isinstance(layer, nn.BatchNorm2d) and layer.bias is not None:
+                layer.bias[~masks["chan"]] = 0
+            continue
+        out_dim, in_dim = weight_dims(layer)
+        layer.weight.index_fill_(out_dim, (~masks["out"]).nonzero().flatten(), 0)
+        if groups_of(layer) == 1:  # a depthwise conv's inputs are its output groups: zeroing the outputs is enough
+            layer.weight.index_fill_(in_dim, (~masks["in"]).nonzero().flatten(), 0)
+        if layer.bias is not None:
+            layer.bias[~masks["out"]] = 0
     return model

@@ -1,14 +1,16 @@
-"""The one pruning mechanism: gates on conv weights, and which convs get them.
+"""The one pruning mechanism: gates on layer weights, and which layers get them.
 
-A gate is a torch parametrization on a conv's `weight`: the conv keeps its dense tensor W and every forward
-pass uses W' = gate(W). A mask gate gives W' = W · mask (magnitude pruning, fixed-mask fine-tuning); a
-threshold gate gives IKS's W' = sign(W) · relu(|W| − sigmoid(θ)) (see `compress.pruning.iks`). Pruners decide
-what their gates hold; `bake` replaces every gate by its current W' — plain convs whose weights contain exact
-zeros — so what leaves compress/ is an ordinary network and convert/ never sees a gate.
+A gate is a torch parametrization on a conv-like layer's `weight` (`compress.pruning.layers`: Conv2d,
+ConvTranspose2d, Linear): the layer keeps its dense tensor W and every forward pass uses W' = gate(W). A mask gate
+gives W' = W · mask (magnitude pruning, fixed-mask fine-tuning); a threshold gate gives IKS's
+W' = sign(W) · relu(|W| − sigmoid(θ)). Pruners decide what their gates hold; `bake` replaces every gate by its
+current W' — plain layers whose weights contain exact zeros — so what leaves compress/ is an ordinary network and
+convert/ never sees a gate.
 
-Layer selection is decided here once, for every method: `prunable_convs` is every Conv2d with trainable
-weights (EDSR's fixed MeanShift convs are excluded), and `select_convs` narrows that by a spec — `all`,
-`default` (the architecture's usual sparse layers, e.g. EDSR's body convs, as the IKS reference code does) or
+Layer selection is decided here once, for every method: `select_layers` narrows `layers.prunable_layers` (every
+conv-like layer with trainable weights; EDSR's fixed MeanShift convs are excluded) by a spec — `all`, `default`
+(the architecture's usual sparse layers, e.g. EDSR's body convs, as the IKS reference code does; for a model
+edgesr has no table for, every prunable layer except the first and the last to run, which face the RGB image) or
 comma-separated glob patterns over module names (`body.*,tail.0.0`).
 """
 
@@ -22,25 +24,46 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.models import default_sparse_layers
+from compress.pruning.layers import ConvLike, probe_input, prunable_layers
 
 
-def prunable_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """Conv layers whose weights train, by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad}
+def execution_order(model: nn.Module, layers: dict[str, nn.Module], size: int = 16) -> list[str]:
+    """Names of `layers` in the order a forward pass on a small probe runs them (each once, first call)."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: order.append(n)) for n, m in layers.items()]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(probe_input(model, size))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return list(dict.fromkeys(order))
 
 
-def select_convs(model: nn.Module, spec: str = "all") -> dict[str, nn.Conv2d]:
-    """Prunable convs chosen by `spec`: `all`, `default` or comma-separated globs; ValueError if none match."""
-    convs = prunable_convs(model)
+def _default_patterns(model: nn.Module, layers: dict[str, ConvLike]) -> list[str]:
+    patterns = default_sparse_layers(model)
+    if patterns is not None:
+        return patterns
+    order = execution_order(model, layers)
+    inner = order[1:-1] if len(order) > 2 else order
+    return inner or list(layers)
+
+
+def select_layers(model: nn.Module, spec: str = "all") -> dict[str, ConvLike]:
+    """Prunable layers chosen by `spec`: `all`, `default` or comma-separated globs; ValueError if none match."""
+    layers = prunable_layers(model)
+    if not layers:
+        raise ValueError("the model has no conv-like layer with trainable weights")
     if spec == "all":
-        return convs
-    patterns = default_sparse_layers(model) if spec == "default" else [p.strip() for p in spec.split(",") if p]
-    chosen = {n: m for n, m in convs.items() if any(fnmatchcase(n, p) for p in patterns)}
-    unused = [p for p in patterns if not any(fnmatchcase(n, p) for n in convs)]
+        return layers
+    patterns = _default_patterns(model, layers) if spec == "default" else [p.strip() for p in spec.split(",") if p]
+    chosen = {n: m for n, m in layers.items() if any(fnmatchcase(n, p) for p in patterns)}
+    unused = [p for p in patterns if not any(fnmatchcase(n, p) for n in layers)]
     if unused or not chosen:
-        raise ValueError(
-            f"layer pattern(s) {', '.join(unused or patterns)} match no prunable conv; prunable: {', '.join(convs)}"
-        )
+        names = ", ".join(list(layers)[:12]) + (f" (+{len(layers) - 12} more)" if len(layers) > 12 else "")
+        raise ValueError(f"layer pattern(s) {', '.join(unused or patterns)} match no prunable layer; prunable: {names}")
     return chosen
 
 
@@ -55,19 +78,19 @@ class MaskGate(nn.Module):
         return w * self.mask.to(w.dtype)
 
 
-def attach_gates(convs: dict[str, nn.Conv2d], make_gate: Callable[[torch.Tensor], nn.Module]) -> None:
+def attach_gates(convs: dict[str, nn.Module], make_gate: Callable[[torch.Tensor], nn.Module]) -> None:
     """Put a gate made by `make_gate(weight)` on each conv's weight."""
     for conv in convs.values():
         parametrize.register_parametrization(conv, "weight", make_gate(conv.weight))
 
 
-def gate(conv: nn.Conv2d) -> nn.Module:
+def gate(conv: nn.Module) -> nn.Module:
     """The gate on a gated conv."""
     return conv.parametrizations.weight[0]
 
 
 @torch.no_grad()
-def zero_fraction(convs: Iterable[nn.Conv2d]) -> float:
+def zero_fraction(convs: Iterable[nn.Module]) -> float:
     """Fraction of exact zeros in the effective weights W' over all given convs."""
     zeros = total = 0
     for conv in convs:
@@ -78,7 +101,7 @@ def zero_fraction(convs: Iterable[nn.Conv2d]) -> float:
 
 
 @torch.no_grad()
-def layer_sparsity(convs: dict[str, nn.Conv2d]) -> tuple[float, dict[str, float]]:
+def layer_sparsity(convs: dict[str, nn.Module]) -> tuple[float, dict[str, float]]:
     """(zero fraction over all given convs, {name: zero fraction}), rounded to 6 places, as manifests record them."""
     per_layer, zeros, total = {}, 0, 0
     for name, conv in convs.items():
@@ -89,7 +112,7 @@ def layer_sparsity(convs: dict[str, nn.Conv2d]) -> tuple[float, dict[str, float]
 
 
 @torch.no_grad()
-def bake(convs: dict[str, nn.Conv2d]) -> None:
+def bake(convs: dict[str, nn.Module]) -> None:
     """Replace every gate by its current W' (exact zeros, no -0.0): plain convs again, gate parameters dropped."""
     for conv in convs.values():
         parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)

@@ -32,13 +32,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from compress.evaluate import validator
+from compress.flags import option, require
 from compress.pruning.base import Pruner
-from compress.pruning.gates import attach_gates, bake, gate, layer_sparsity, select_convs, zero_fraction
+from compress.pruning.gates import bake, gate, layer_sparsity, select_layers, zero_fraction
+from compress.pruning.layers import weight_dims
+from compress.train import TrainConfig, TrainData, train
+from edgesr.datasets import load_test_set
 from edgesr.errors import CheckFailed
 
 log = logging.getLogger(__name__)
@@ -50,57 +57,56 @@ GATES = ("soft", "hard")
 
 @dataclass(frozen=True)
 class IKSConfig:
-    target: float  # fraction of zero weights over the gated layers, in (0, 1)
-    total_steps: int  # length of the run: "no decay in the last D epochs" needs it
-    eval_every: int = 10  # steps per "epoch": sparsity check, validation and decay decision
-    granularity: str = "weight"
-    gate: str = "soft"
-    theta_init: float = -12.0
-    init_decay: float = 1.0  # multiplies θ once before training (reference --init_decay; >1 releases weights)
-    decay_slope: float = 0.005  # k in r = 1 + k (S_cur − S_t), S in percent
-    decay_distance: int = 10  # D, in epochs
-    band: float = 1.0  # percent: no decay while S_cur is in [S_t, S_t + band]
-    tolerance: float = 0.0  # fraction: selection accepts states with sparsity >= target - tolerance
-    layers: str = "default"  # a compress.pruning.gates.select_convs spec
+    sparsity: float | None = option(None, "target fraction of zero weights over the gated layers, in (0, 1)")
+    layers: str = option(
+        "default", "which layers to gate: all, default (the architecture's sparse layers) or comma-separated globs"
+    )
+    granularity: str = option("weight", "one threshold per weight, kernel, filter or layer", choices=GRANULARITIES)
+    gate: str = option("soft", "soft: sign(w) relu(|w| - t); hard: w [|w| > t] (ablation)", choices=GATES)
+    theta_init: float = option(-12.0, "initial θ; the threshold is sigmoid(θ)")
+    init_decay: float = option(1.0, "multiply θ once before training (> 1 releases weights)")
+    eval_every: int = option(0, "steps per 'epoch': sparsity check, validation, decay decision (0: steps / 200)")
+    decay_slope: float = option(0.005, "k in θ *= 1 + k (S_cur - S_target), S in percent")
+    decay_distance: int = option(10, "D: least epochs between two decays; also none in the last D epochs")
+    band: float = option(1.0, "percent above the target in which no decay fires")
+    tolerance: float = option(0.0, "accept a selected model this far (fraction) below the target; the reference: 0.05")
+    val_set: str = option("hopper", "held-out images for checkpoint selection (a bundled set or a folder)")
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.target < 1.0:
-            raise ValueError(f"IKS target sparsity must be in (0, 1), got {self.target}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"IKS granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        if self.gate not in GATES:
-            raise ValueError(f"IKS gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-        if self.theta_init >= 0:
-            raise ValueError(f"IKS theta_init must be < 0 (sigmoid(θ) is the threshold), got {self.theta_init}")
-        if self.eval_every < 1 or self.decay_distance < 0 or self.total_steps < 1:
-            raise ValueError("IKS needs eval_every >= 1, decay_distance >= 0 and total_steps >= 1")
-        if not 0.0 <= self.tolerance < self.target:
-            raise ValueError(f"IKS tolerance must be in [0, target), got {self.tolerance}")
-        if self.band <= 0 or self.decay_slope <= 0 or self.init_decay <= 0:
-            raise ValueError("IKS band, decay_slope and init_decay must be > 0")
+        require(self.sparsity is not None, "sparsity", "is needed by --method iks")
+        require(0.0 < self.sparsity < 1.0, "sparsity", f"must be in (0, 1), got {self.sparsity}")
+        require(self.granularity in GRANULARITIES, "granularity", f"must be one of {', '.join(GRANULARITIES)}")
+        require(self.gate in GATES, "gate", f"must be one of {', '.join(GATES)}, got {self.gate!r}")
+        require(self.theta_init < 0, "theta_init", f"must be < 0 (sigmoid(θ) is the threshold), got {self.theta_init}")
+        require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        require(self.decay_distance >= 0, "decay_distance", f"must be >= 0, got {self.decay_distance}")
+        require(0.0 <= self.tolerance < self.sparsity, "tolerance", f"must be in [0, sparsity), got {self.tolerance}")
+        for name in ("band", "decay_slope", "init_decay"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
 
-    @property
-    def epochs(self) -> int:
-        return self.total_steps // self.eval_every
+    def epoch_steps(self, total_steps: int) -> int:
+        """Steps per epoch for a run of `total_steps` (eval_every, or total / 200 when 0)."""
+        return self.eval_every or max(1, total_steps // 200)
 
 
-def theta_shape(weight_shape: torch.Size, granularity: str) -> tuple[int, ...]:
-    c_out, c_in, kh, kw = weight_shape
-    return {
-        "weight": (c_out, c_in, kh, kw),
-        "kernel": (c_out, c_in, 1, 1),
-        "filter": (c_out, 1, 1, 1),
-        "layer": (1,),
-    }[granularity]
+def theta_shape(layer: nn.Module, granularity: str) -> tuple[int, ...]:
+    """θ's shape for a layer's weight: one entry per weight, per (out, in) kernel, per output filter, or one."""
+    shape = tuple(layer.weight.shape)
+    if granularity == "weight":
+        return shape
+    if granularity == "layer":
+        return (1,)
+    out_dim, in_dim = weight_dims(layer)
+    keep = {out_dim, in_dim} if granularity == "kernel" else {out_dim}
+    return tuple(n if d in keep else 1 for d, n in enumerate(shape))
 
 
 class IKSGate(nn.Module):
     """The weight parametrization W -> W' with a learnable threshold sigmoid(θ)."""
 
-    def __init__(self, weight: torch.Tensor, granularity: str, theta_init: float, gate: str) -> None:
+    def __init__(self, weight: torch.Tensor, shape: tuple[int, ...], theta_init: float, gate: str) -> None:
         super().__init__()
         self.gate = gate
-        shape = theta_shape(weight.shape, granularity)
         self.theta = nn.Parameter(torch.full(shape, theta_init, dtype=weight.dtype, device=weight.device))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -114,11 +120,21 @@ class IKSPruner(Pruner):
     name = "iks"
 
     def __init__(
-        self, model: nn.Module, config: IKSConfig, validate: Callable[[nn.Module], float] | None = None
+        self,
+        model: nn.Module,
+        config: IKSConfig,
+        total_steps: int,
+        validate: Callable[[nn.Module], float] | None = None,
     ) -> None:
         self.config, self.model, self.validate = config, model, validate
-        self.layers = select_convs(model, config.layers)
-        attach_gates(self.layers, lambda w: IKSGate(w, config.granularity, config.theta_init, config.gate))
+        self.total_steps, self.eval_every = total_steps, config.epoch_steps(total_steps)
+        self.epochs = total_steps // self.eval_every
+        self.layers = select_layers(model, config.layers)
+        for layer in self.layers.values():
+            shape = theta_shape(layer, config.granularity)
+            parametrize.register_parametrization(
+                layer, "weight", IKSGate(layer.weight, shape, config.theta_init, config.gate)
+            )
         if config.init_decay != 1.0:
             self._scale_thetas(config.init_decay)
         self.last_decay_epoch = 0
@@ -145,13 +161,13 @@ class IKSPruner(Pruner):
 
     def step(self, step: int, lr: float = 0.0) -> None:
         c = self.config
-        if step % c.eval_every:
+        if step % self.eval_every:
             return
-        epoch = step // c.eval_every
+        epoch = step // self.eval_every
         s_cur = self.gated_sparsity()
-        target_pct = 100.0 * c.target
+        target_pct = 100.0 * c.sparsity
         psnr = -1.0
-        if self.validate is not None and s_cur >= 100.0 * (c.target - c.tolerance) - 1e-9:
+        if self.validate is not None and s_cur >= 100.0 * (c.sparsity - c.tolerance) - 1e-9:
             t0 = time.perf_counter()
             psnr = float(self.validate(self.model))
             self.validation_seconds += time.perf_counter() - t0
@@ -160,7 +176,7 @@ class IKSPruner(Pruner):
                 self.best = {"step": step, "val_psnr_db": psnr, "sparsity_pct": s_cur, "state": state}
         self.trace.append([step, round(s_cur, 4), round(psnr, 4)])
         outside = abs(target_pct + c.band / 2 - s_cur) > c.band / 2
-        if epoch - self.last_decay_epoch > c.decay_distance and epoch < c.epochs - c.decay_distance and outside:
+        if epoch - self.last_decay_epoch > c.decay_distance and epoch < self.epochs - c.decay_distance and outside:
             ratio = 1.0 + c.decay_slope * (s_cur - target_pct)
             self._scale_thetas(ratio)
             self.last_decay_epoch = epoch
@@ -177,7 +193,7 @@ class IKSPruner(Pruner):
         if self.best is None:
             reached = max((t[1] for t in self.trace), default=0.0)
             raise CheckFailed(
-                f"IKS never validated a state at >= {100 * (c.target - c.tolerance):.1f}% sparsity "
+                f"IKS never validated a state at >= {100 * (c.sparsity - c.tolerance):.1f}% sparsity "
                 f"(highest seen {reached:.2f}%): give it more --steps, a smaller --decay-distance or --eval-every, "
                 "or allow --tolerance"
             )
@@ -186,11 +202,15 @@ class IKSPruner(Pruner):
         achieved, per_layer = layer_sparsity(self.layers)
         return {
             "method": self.name,
-            "target_sparsity": c.target,
+            "target_sparsity": c.sparsity,
             "achieved_sparsity_pruned_layers": achieved,
             "per_layer_sparsity": per_layer,
             "pruned_layers": list(self.layers),
-            "config": {**asdict(c), "reference_sparse_mode": GRANULARITIES[c.granularity]},
+            "config": {
+                **asdict(c),
+                "eval_every_steps": self.eval_every,
+                "reference_sparse_mode": GRANULARITIES[c.granularity],
+            },
             "selected": {k: v for k, v in self.best.items() if k != "state"},
             "selection_rule": f"best validation PSNR among states with gated sparsity >= target - {c.tolerance}",
             "validations": sum(1 for t in self.trace if t[2] != -1),
@@ -202,6 +222,7 @@ class IKSPruner(Pruner):
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": asdict(self.config),
+            "total_steps": self.total_steps,
             "last_decay_epoch": self.last_decay_epoch,
             "decays": copy.deepcopy(self.decays),
             "trace": copy.deepcopy(self.trace),
@@ -210,8 +231,19 @@ class IKSPruner(Pruner):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("config") != asdict(self.config):
+        if state.get("config") != asdict(self.config) or state.get("total_steps") != self.total_steps:
             raise ValueError("the saved run used other IKS settings")
         self.last_decay_epoch = int(state["last_decay_epoch"])
         self.decays, self.trace, self.best = state["decays"], state["trace"], state["best"]
         self.validation_seconds = float(state.get("validation_seconds", 0.0))
+
+
+def run(
+    model: nn.Module, data: TrainData, train_cfg: TrainConfig, out: Path, config: IKSConfig, resume: bool = True
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Gate `model`'s layers, train for `train_cfg.steps` with the target-guided decay, restore the best validated
+    state at the target and bake it; returns (model, record). CheckFailed (exit 1) if the target was never met."""
+    val_pairs = load_test_set(config.val_set, data.scale, data.degradation)
+    pruner = IKSPruner(model, config, train_cfg.steps, validate=validator(val_pairs, data.scale))
+    summary = train(model, data, train_cfg, Path(out), pruner=pruner, resume=resume)
+    return model, {**pruner.finalize(), "runs": {"train": summary}}
