@@ -3,6 +3,7 @@
 A model is named by exactly one of:
 - `--checkpoint FILE`: an edgesr checkpoint (`compress.checkpoint`), an EDSR-PyTorch state dict, a BasicSR EDSR
   checkpoint, an idealo ISR RDN Keras `.h5` (`compress.models.isr`), or a `torch.export` program `.pt2`;
+  `pretrained:NAME` names a file `make setup` fetched (`python -m compress.pretrained list`);
 - `--model NAME|MODULE:FACTORY [--weights FILE] [--factory-args JSON]`: an edgesr preset (`edsr-tiny`, ...) or a
   function returning an nn.Module (from an importable module or a .py file), called with the JSON object's keyword
   arguments. `--weights` is a state dict (plain, {"state_dict": ...}, {"model": ...}, BasicSR's "params_ema" /
@@ -18,6 +19,7 @@ cannot be trained or pruned (no modules to gate or slice).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 EXPORTED_SUFFIX = ".pt2"
 KERAS_SUFFIX = ".h5"
 PROBE_SIZE = 32  # LR side of the input used to check shapes when any size works
+PRETRAINED_PREFIX = "pretrained:"  # --checkpoint pretrained:NAME is the cached file of `compress.pretrained` NAME
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,10 @@ def parse_factory_args(text: str | None) -> dict[str, Any]:
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load what `spec` names and check it is an SR model; BadInput (one line, naming the file) otherwise."""
+    if spec.checkpoint is not None and str(spec.checkpoint).startswith(PRETRAINED_PREFIX):
+        from compress import pretrained
+
+        spec = dataclasses.replace(spec, checkpoint=pretrained.path(str(spec.checkpoint)[len(PRETRAINED_PREFIX) :]))
     if spec.model is not None:
         loaded = _from_model(spec)
     elif spec.checkpoint.suffix == EXPORTED_SUFFIX:
