@@ -4,11 +4,11 @@ import copy
 import json
 
 import pytest
-import topology_models
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import topology_models
 from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.evaluate import model_stats
 from compress.models import build_from_spec, create_model, model_spec
