@@ -19,8 +19,8 @@ from compress.pruning.layers import prunable_layers
 from compress.pruning.methods import channel_l1, fmp
 from compress.pruning.methods.channel_l1 import ChannelL1Config, l1_keep
 from compress.pruning.methods.fmp import FMPConfig, FMPSearch, materialize
-from compress.pruning.methods.fmp.materialize import finetune_pruner
 from compress.pruning.methods.fmp.hypernetwork import ChannelVectors, HyperGate
+from compress.pruning.methods.fmp.materialize import finetune_pruner
 from compress.train import TrainConfig, TrainData, train
 from edgesr.datasets import load_test_set, load_training_images
 
@@ -365,7 +365,9 @@ def test_macs_target_on_rdn_is_forced_by_mac_count(butterfly):
 def test_channel_only_meta_pruning_has_no_weight_zeros(tmp_path, photos):
     model = tiny("edsr")
     before = model_stats(model, 2)["params"]
-    compact, report = fmp.run(model, sampler(photos), train_cfg(8), tmp_path, FMPConfig(params=0.5, weight_sparsity=0.0))
+    compact, report = fmp.run(
+        model, sampler(photos), train_cfg(8), tmp_path, FMPConfig(params=0.5, weight_sparsity=0.0)
+    )
     assert report["method"] == "channel-only" and report["weight_masks"] is None
     assert report["achieved_sparsity_pruned_layers"] < 0.01  # zeros only by chance
     assert model_stats(compact, 2)["params"] <= 0.5 * before
