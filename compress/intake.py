@@ -213,6 +213,7 @@ class ExportedModule(nn.Module):
 
     def __init__(self, program: torch.export.ExportedProgram) -> None:
         super().__init__()
+        self.exported = program  # what convert checks and lowers
         self.program = program.module()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

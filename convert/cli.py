@@ -6,16 +6,20 @@
   python -m convert --model mynets/sr.py:build --factory-args '{"scale": 2}' --weights sr.pth --out runs/mine
   python -m convert --checkpoint model.pt2 --out runs/exported
 
-The model, one of:
-  --checkpoint FILE         an edgesr checkpoint (compress's model.pt), an EDSR-PyTorch state dict (the official
-                            release files; config inferred from the shapes), or a torch.export program (.pt2,
-                            torch.export.save); a .pt2 exported with a static input fixes --tile to its size
-  --model MODULE:FACTORY    a function returning an nn.Module, from an importable module or a .py file, called
-    --weights FILE          with --factory-args as keyword arguments; FILE is its state dict (torch.save; also
-    [--factory-args JSON]   {"state_dict": ...} or {"model": ...}), loaded with weights_only=True, strictly
+The model (the same flags as compress; compress.intake), one of:
+  --checkpoint FILE         an edgesr checkpoint (compress's model.pt, preset or factory + pruned shapes), an
+                            EDSR-PyTorch state dict, a BasicSR EDSR checkpoint, an ISR RDN Keras .h5,
+                            pretrained:NAME (fetched by make setup), or a torch.export program (.pt2); a .pt2
+                            exported with a static input fixes --tile to its size
+  --model NAME|MODULE:FACTORY  an edgesr preset or a function returning an nn.Module (importable module or .py
+    [--weights FILE]        file), called with --factory-args as keyword arguments; FILE is its state dict
+    [--factory-args JSON]   (torch.save; also {"state_dict"|"model"|"params_ema"|"params": ...}), loaded with
+                            weights_only=True, strictly; without --weights the model is used as returned
 Every model must map (1, 3, H, W) float RGB in [0, 1] to (1, 3, sH, sW) and use only operators the converters
-and the Core ML reference executor handle (convolutions, elementwise arithmetic, ReLU/LeakyReLU/PReLU, concat,
-reshapes, pixel shuffle, nearest/bilinear upsampling); anything else is reported by operator and layer.
+and the Core ML reference executor handle (convolutions of any groups, ConvTranspose2d (lowered to a conv +
+PixelShuffle first), elementwise arithmetic and activations, BatchNorm, explicit padding, concat / split /
+slicing, mean pooling, pixel shuffle, nearest/bilinear upsampling; convert/ops.py); anything else is reported
+by operator, layer and node.
 
 Writes into --out (created if its parent exists), per format and precision (--precision, default fp32):
   dense.tflite, sparse.tflite            fp32 TFLite, NHWC float32 (1, tile, tile, 3) -> (1, s*tile, s*tile, 3)
@@ -41,27 +45,19 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgesr.errors import run_cli
+from edgesr.errors import ArgumentParser, run_cli
 
 DEFAULT_FORMATS = "tflite,coreml"
 DEFAULT_PRECISIONS = "fp32"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from compress.intake import add_model_arguments
+
+    parser = ArgumentParser(
         prog="edgesr convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint", type=Path, help="edgesr checkpoint (model.pt), EDSR-PyTorch .pt, or torch.export .pt2"
-    )
-    source.add_argument(
-        "--model", metavar="MODULE:FACTORY", help="factory returning an nn.Module (module name or path/to/file.py)"
-    )
-    parser.add_argument("--weights", type=Path, help="state dict file for --model (torch.save, weights only)")
-    parser.add_argument(
-        "--factory-args", metavar="JSON", help="keyword arguments for the --model factory, e.g. '{\"scale\": 2}'"
-    )
+    add_model_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder; created if its parent exists")
     parser.add_argument(
         "--formats", default=DEFAULT_FORMATS, help=f"comma-separated: tflite, coreml (default {DEFAULT_FORMATS})"
@@ -104,15 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_converters()
     # torch and the converters load only past --help
-    from convert.model_intake import ModelSpec, parse_factory_args
+    from compress.intake import spec_from_args
     from convert.pipeline import convert_model, parse_formats, parse_precisions
 
-    spec = ModelSpec(
-        checkpoint=args.checkpoint,
-        factory=args.model,
-        weights=args.weights,
-        factory_args=parse_factory_args(args.factory_args),
-    )
+    spec = spec_from_args(args)
     convert_model(
         spec,
         args.out,

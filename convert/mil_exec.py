@@ -414,6 +414,49 @@ def _batch_norm(op: Any, get: Callable[[str], Any]) -> np.ndarray:
     return (x - mean) / np.sqrt(var + float(_opt(op, get, "epsilon", 1e-5))) * gamma + beta
 
 
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+
+
+def _pad(op: Any, get: Callable[[str], Any]) -> np.ndarray:
+    """MIL pad: `pad` holds (before, after) for each of the last len(pad) / 2 dims; numpy's reflect / edge are
+    MIL's reflect (edge not repeated) / replicate."""
+    x = np.asarray(get("x"))
+    pad = [int(p) for p in get("pad")]
+    mode = str(_opt(op, get, "mode", "constant"))
+    if mode not in _PAD_MODES or len(pad) % 2 or len(pad) // 2 > x.ndim or any(p < 0 for p in pad):
+        raise ValueError(f"pad mode '{mode}' with pad {pad} on a rank-{x.ndim} tensor is not supported")
+    widths = [(0, 0)] * (x.ndim - len(pad) // 2) + [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]
+    if mode == "constant":
+        return np.pad(x, widths, mode="constant", constant_values=float(_opt(op, get, "constant_val", 0.0)))
+    return np.pad(x, widths, mode=_PAD_MODES[mode])
+
+
+def _split(op: Any, get: Callable[[str], Any]) -> tuple[np.ndarray, ...]:
+    x, axis = np.asarray(get("x")), int(get("axis"))
+    if op.inputs.get("split_sizes") is not None:
+        sizes = [int(s) for s in get("split_sizes")]
+    else:
+        parts = int(get("num_splits"))
+        if x.shape[axis] % parts:
+            raise ValueError(f"cannot split size {x.shape[axis]} into {parts} equal parts")
+        sizes = [x.shape[axis] // parts] * parts
+    if sum(sizes) != x.shape[axis]:
+        raise ValueError(f"split sizes {sizes} do not add up to size {x.shape[axis]} of axis {axis}")
+    return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
+
+
+def _reduce_mean(op: Any, get: Callable[[str], Any]) -> np.ndarray:
+    x = _f64(get("x"))
+    axes = _opt(op, get, "axes", None)
+    axes = tuple(range(x.ndim)) if axes is None else tuple(int(a) for a in np.atleast_1d(axes))
+    return np.mean(x, axis=axes, keepdims=bool(_opt(op, get, "keep_dims", False)))
+
+
+def _rsqrt(op: Any, get: Callable[[str], Any]) -> np.ndarray:
+    """MIL rsqrt adds `epsilon` (default 1e-12) before the root: 1 / sqrt(x + epsilon)."""
+    return 1 / np.sqrt(_f64(get("x")) + float(_opt(op, get, "epsilon", 1e-12)))
+
+
 def _squeeze(op: Any, get: Callable[[str], Any]) -> np.ndarray:
     x = np.asarray(get("x"))
     axes = _opt(op, get, "axes", None)
@@ -435,6 +478,8 @@ OPS: dict[str, Callable[[Any, Callable[[str], Any]], Any]] = {
     "tanh": _unary(np.tanh),
     "silu": _unary(lambda x: x / (1 + np.exp(-x))),
     "sqrt": _unary(np.sqrt),
+    "rsqrt": _rsqrt,
+    "square": _unary(np.square),
     "exp": _unary(np.exp),
     "leaky_relu": lambda op, get: (lambda x, a: np.where(x > 0, x, a * x))(
         _f64(get("x")), float(_opt(op, get, "alpha", 0.01))
@@ -445,6 +490,10 @@ OPS: dict[str, Callable[[Any, Callable[[str], Any]], Any]] = {
     "clip": lambda op, get: np.clip(_f64(get("x")), float(get("alpha")), float(get("beta"))),
     "prelu": _prelu,
     "concat": _concat,
+    "stack": lambda op, get: np.stack([np.asarray(v) for v in get("values")], axis=int(get("axis"))),
+    "split": _split,
+    "pad": _pad,
+    "reduce_mean": _reduce_mean,
     "reshape": lambda op, get: np.reshape(get("x"), [int(s) for s in get("shape")]),
     "transpose": lambda op, get: np.transpose(get("x"), [int(p) for p in get("perm")]),
     "expand_dims": lambda op, get: np.expand_dims(get("x"), tuple(int(a) for a in get("axes"))),

@@ -1,10 +1,14 @@
 """`convert_model`: one model in, every requested format x precision plus `manifest.json` out, all or nothing.
 
-Order: check the output folder, load and check the model (`convert.model_intake`: SR-shaped, supported
-operators), measure the receptive field (the tiling overlap), check the tile, then build every artifact in a
-hidden staging folder inside the output folder (TFLite: `convert.tflite_artifacts`, Core ML:
-`convert.coreml_artifacts`; each verifies its files' parity against torch on a real photo tile), and only then
-move the artifacts into place and write the manifest last. Any error leaves the output folder as it was.
+Order: check the output folder, load and check the model (`compress.intake`: SR-shaped; `convert.ops`: supported
+operators), measure the receptive field (the tiling overlap; of the local paths when the model also pools
+globally, which the manifest notes), check the tile, lower what a converter lacks into
+exact equivalents (`convert.lowering`: transposed convs; checked against the original in torch, and the lowered
+graph's operators checked again, as the converters will see them), then build every artifact from the lowered
+model in a hidden staging folder inside the output folder (TFLite: `convert.tflite_artifacts`, Core ML:
+`convert.coreml_artifacts`; each verifies its files' parity against the ORIGINAL model's torch output on a real
+photo tile), and only then move the artifacts into place and write the manifest last (with `lowered`: what was
+rewritten, and `ops`: the operators the converters got). Any error leaves the output folder as it was.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from compress.intake import PROBE_SIZE, LoadedModel, ModelSpec, load_model
 from convert import parity
-from convert.model_intake import IntakeModel, ModelSpec, load_model
-from convert.receptive_field import receptive_field_radius, tiling_overlap
+from convert.lowering import lower_for_conversion
+from convert.ops import check_supported_ops, export_program, op_counts
+from convert.receptive_field import local_receptive_field, tiling_overlap
 from convert.sparse_tflite import MIN_SPARSITY
 from edgesr.errors import BadInput
 from edgesr.manifest import MANIFEST_NAME, new_manifest, sha256, size_bytes, versions, write_json
@@ -113,18 +119,24 @@ def convert_model(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     intake = load_model(spec)
+    program = export_program(intake.model, spec.origin, intake.input_size or PROBE_SIZE)
+    check_supported_ops(program, spec.origin)
+    intake_ops = op_counts(program)
     tile = _tile(cfg, intake, spec)
     model = intake.model
-    log.info("%s: x%d SR model, %d kinds of operators, all supported", spec.origin, intake.scale, len(intake.ops))
+    log.info("%s: x%d SR model, %d kinds of operators, all supported", spec.origin, intake.scale, len(intake_ops))
     # A static .pt2 runs at its own size only: probe the receptive field there.
     probe = {"start": tile, "limit": tile} if intake.input_size else {}
-    radius = receptive_field_radius(model, **probe)
+    radius, global_stats = local_receptive_field(model, **probe)
     overlap = tiling_overlap(radius)
     if tile <= 2 * overlap:
         raise BadInput(
             f"tile {tile} must be larger than 2 x overlap = {2 * overlap} "
             f"(overlap = receptive-field radius {radius} + {overlap - radius})"
         )
+    x = parity.parity_tile(tile, intake.scale)
+    lowered = lower_for_conversion(model, x, spec.origin)  # what the converters get; `model` stays the reference
+    converted_ops = op_counts(lowered.program) if lowered.program is not None else intake_ops
     created = _make_out_dir(out_dir)
     try:
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".convert-"))
@@ -133,9 +145,8 @@ def convert_model(
             out_dir.rmdir()
         raise BadInput(f"{out_dir}: cannot write into the output folder ({exc.strerror or exc})") from None
     try:
-        x = parity.parity_tile(tile, intake.scale)
         reference = parity.torch_output(model, x)
-        artifacts, skipped = _build_all(model, staging, cfg, tile, intake.scale, x, reference)
+        artifacts, skipped = _build_all(lowered.model, staging, cfg, tile, intake.scale, x, reference)
         for a in artifacts:  # the files as published: sizes and digests measured here, once, for every format
             a.update(size_bytes=size_bytes(staging / a["file"]), sha256=sha256(staging / a["file"]))
         manifest = new_manifest(
@@ -143,7 +154,7 @@ def convert_model(
             model=cfg.name or intake.name,
             source=intake.source,
             scale=intake.scale,
-            tile={"height": tile, "width": tile, "overlap": overlap, "receptive_field_radius": radius},
+            tile=_tile_record(tile, overlap, radius, global_stats),
             io={
                 "layout": "NHWC",
                 "dtype": "float32",
@@ -153,7 +164,9 @@ def convert_model(
             },
             formats=list(cfg.formats),
             precisions=list(cfg.precisions),
-            ops=intake.ops,
+            ops=converted_ops,
+            lowered=lowered.records,
+            lowering_check=lowered.check,
             artifacts=artifacts,
             skipped=skipped,
             versions=versions("torch", "litert-torch", "ai-edge-litert", "coremltools", "scikit-learn", "numpy"),
@@ -169,7 +182,19 @@ def convert_model(
     return manifest
 
 
-def _tile(cfg: ConvertConfig, intake: IntakeModel, spec: ModelSpec) -> int:
+def _tile_record(tile: int, overlap: int, radius: int, global_stats: list[str]) -> dict[str, Any]:
+    """The manifest's tile: size, overlap, radius; for a model with global statistics, which and what it means."""
+    record: dict[str, Any] = {"height": tile, "width": tile, "overlap": overlap, "receptive_field_radius": radius}
+    if global_stats:
+        record["global_statistics"] = global_stats
+        record["note"] = (
+            f"the model also pools over its whole input ({', '.join(global_stats)}: global context); the radius "
+            "is that of its local paths, so tiled output approximates whole-frame output rather than equalling it"
+        )
+    return record
+
+
+def _tile(cfg: ConvertConfig, intake: LoadedModel, spec: ModelSpec) -> int:
     """The tile side: as asked, else DEFAULT_TILE; a static .pt2 fixes it to the size it was exported for."""
     if intake.input_size is None:
         return cfg.tile or DEFAULT_TILE

@@ -8,6 +8,11 @@ r is measured from gradients: for a central LR pixel c, take the s x s HR output
 a random weighting of them to the input, and find how far from c the non-zero gradient reaches. Gradients in
 float64 over several random inputs (ReLUs switch off different units on each) give the support of the function
 the weights compute; a probe that touches its own border is retried at twice the size.
+
+A model with global context (channel attention over a global average pool, IMDN's contrast = std + mean per
+channel) depends on every input pixel, so no overlap makes tiling exact. `local_receptive_field` measures the
+radius of its local paths with those global statistics held fixed (they pass no gradient) and names the
+reductions it held, so the manifest can say that tiled output only approximates whole-frame output.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from edgesr.errors import BadInput
 
@@ -63,6 +69,67 @@ def _gradient_support(model: nn.Module, size: int, generator: torch.Generator) -
     owned = y[:, :, s * c : s * (c + 1), s * c : s * (c + 1)]
     (owned * torch.randn(owned.shape, dtype=torch.float64, generator=generator)).sum().backward()
     return x.grad[0].abs().sum(dim=0) > 0
+
+
+# Reductions that can collapse H and W (called as torch functions, Tensor methods or ATen ops of a .pt2 graph).
+_REDUCTIONS = frozenset(
+    {"mean", "var", "std", "var_mean", "std_mean", "sum", "amax", "amin", "max", "min", "norm", "logsumexp"}
+    | {"adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"}
+)
+
+
+class _Seen(list):
+    """The names of the reductions held fixed; shared, not copied, by the probe's deepcopy of the model."""
+
+    def __deepcopy__(self, memo: dict) -> _Seen:
+        return self
+
+
+class _FixedGlobalStatistics(TorchFunctionMode):
+    """Detach the result of every reduction over all of H and W (a global statistic), recording its name."""
+
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "").split(".")[0]
+        x = args[0] if args else None
+        if name in _REDUCTIONS and isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[-2:].numel() > 1:
+            first = out[0] if isinstance(out, tuple) else out
+            if isinstance(first, torch.Tensor) and _collapses_hw(x, first):
+                self.seen.append(name)
+                return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+        return out
+
+
+def _collapses_hw(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether `y` is a reduction of `x` (N, C, H, W) over both H and W (kept as 1 x 1, dropped, or everything)."""
+    if y.dim() == 4:
+        return tuple(y.shape[-2:]) == (1, 1)
+    return y.dim() == 0 or (y.dim() == 2 and tuple(y.shape) == tuple(x.shape[:2]))
+
+
+class _LocalPaths(nn.Module):
+    """`model` with its global statistics held fixed (only inside its forward: the probe's loss is a sum too)."""
+
+    def __init__(self, model: nn.Module, seen: _Seen) -> None:
+        super().__init__()
+        self.model, self.seen = model, seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _FixedGlobalStatistics(self.seen):
+            return self.model(x)
+
+
+def local_receptive_field(model: nn.Module, **probe: int) -> tuple[int, list[str]]:
+    """(radius of the local paths, names of the global reductions held fixed; [] for a purely local model).
+
+    For a model without global statistics this is `receptive_field_radius` itself."""
+    seen = _Seen()
+    radius = receptive_field_radius(_LocalPaths(model, seen), **probe)
+    return radius, sorted(set(seen))
 
 
 def tiling_overlap(radius: int) -> int:

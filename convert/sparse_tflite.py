@@ -1,8 +1,9 @@
 """Sparse weight encoding for .tflite files: a rewrite of the flatbuffer, no TensorFlow needed.
 
-litert-torch has no sparsity option, so the converted file is rewritten after the fact. Every CONV_2D filter that
-is stored as a constant - float32, float16 (read through a DEQUANTIZE, as fp16-weight files hold them) or int8
-(per-channel quantized, zero points 0) - gets the smallest encoding TFLite's `SparsityParameters` can express:
+litert-torch has no sparsity option, so the converted file is rewritten after the fact. Every conv filter (the
+filter input of CONV_2D, grouped convs included, and of DEPTHWISE_CONV_2D) that is stored as a constant - float32,
+float16 (read through a DEQUANTIZE, as fp16-weight files hold them) or int8 (per-channel quantized, zero points 0)
+- gets the smallest encoding TFLite's `SparsityParameters` can express:
 
 - TFLite stores a sparse tensor as a tree (compressed sparse fibre): the dims in a `traversal_order`, each level
   DENSE (all children kept) or SPARSE_CSR (only children with a non-zero below them, through a segment vector per
@@ -18,7 +19,10 @@ is stored as a constant - float32, float16 (read through a DEQUANTIZE, as fp16-w
 - If the rewritten file is not smaller than the input, the input is returned unchanged: never larger than dense.
 
 DENSIFY restores the dense filter at load time, so this saves file and download size, not run-time memory or
-time (docs/research: stack.md section 6). Filters whose buffer is shared by several tensors are left dense.
+time (docs/research: stack.md section 6). DENSIFY feeding DEPTHWISE_CONV_2D and grouped CONV_2D was run in both
+runtimes at fp32, fp16 and int8, and int8-dynamic with the builtin kernels (XNNPACK rejects sparse weights feeding
+its dynamic-range convs, see convert.tflite_artifacts). Filters whose buffer is shared by several tensors are left
+dense.
 The layouts this module writes were run in ai_edge_litert (XNNPACK and the builtin kernels) by
 tests/test_sparse_tflite.py; the pipeline runs every file it ships.
 """
@@ -57,11 +61,14 @@ _INDEX_TYPES = (
 # Bytes per stored value of the filter types this module encodes.
 VALUE_BYTES = {schema.TensorType.FLOAT32: 4, schema.TensorType.FLOAT16: 2, schema.TensorType.INT8: 1}
 _NUMPY_TYPES = {schema.TensorType.FLOAT32: "<f4", schema.TensorType.FLOAT16: "<f2", schema.TensorType.INT8: "i1"}
+# The ops whose filter (input 1) is a conv weight: litert-torch writes a groups == channels conv as
+# DEPTHWISE_CONV_2D (filter 1 x kh x kw x C) and every other conv, grouped ones included, as CONV_2D (OHWI).
+CONV_OPS = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D)
 
 
 @dataclass(frozen=True)
 class SparseStats:
-    """Conv filter figures of a .tflite file, over distinct constant CONV_2D filter tensors."""
+    """Conv filter figures of a .tflite file, over distinct constant CONV_2D / DEPTHWISE_CONV_2D filter tensors."""
 
     sparse_tensors: int  # filters stored as sparse tensors (each feeds a DENSIFY op)
     conv_weights: int  # elements of all conv filters, dense count
@@ -292,12 +299,13 @@ def _consumers(sg: schema.SubGraphT) -> dict[int, int]:
 
 
 def _stored_filters(model: schema.ModelT, sg: schema.SubGraphT) -> list[int]:
-    """Distinct tensors that hold CONV_2D filter data, in operator order: the filter itself, or for a filter made
-    by DEQUANTIZE (fp16 weights) the DEQUANTIZE's input. Either may be a DENSIFY output after a rewrite."""
+    """Distinct tensors that hold conv filter data (`CONV_OPS`), in operator order: the filter itself, or for a
+    filter made by DEQUANTIZE (fp16 weights) the DEQUANTIZE's input. Either may be a DENSIFY output after a rewrite."""
     producers = _producers(sg)
     seen: dict[int, None] = {}
     for op in sg.operators or []:
-        if not (_opcode_is(model, op, schema.BuiltinOperator.CONV_2D) and len(op.inputs) > 1 and op.inputs[1] >= 0):
+        is_conv = any(_opcode_is(model, op, code) for code in CONV_OPS)
+        if not (is_conv and len(op.inputs) > 1 and op.inputs[1] >= 0):
             continue
         idx = int(op.inputs[1])
         prod = producers.get(idx)

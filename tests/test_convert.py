@@ -141,6 +141,7 @@ def test_manifest(converted):
         "sha256": sha256(converted["ckpt"]),
         "psnr_y_db": None,
         "test_set": None,
+        "degradation": None,
     }
     assert m["io"] == {
         "layout": "NHWC",

@@ -1,4 +1,4 @@
-"""convert.model_intake: any PyTorch SR model in (module:factory + weights, .pt2, EDSR-PyTorch, edgesr), checked.
+"""The model intake as convert uses it (compress.intake + convert.ops): any PyTorch SR model in, checked.
 
 Bad inputs go through `python -m convert` as a real subprocess: exit code 2, one line naming the file and the
 problem, and nothing left in the output folder.
@@ -18,18 +18,12 @@ from ai_edge_litert.interpreter import Interpreter
 from torch import nn
 
 from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.intake import ExportedModule, ModelSpec, check_sr_model, load_model, parse_factory_args
 from compress.models import create_model
 from compress.models.edsr import EDSR, EDSRConfig
 from conftest import run_module
 from convert import coreml, mil_exec
-from convert.model_intake import (
-    SUPPORTED_OPS,
-    ExportedModule,
-    ModelSpec,
-    check_sr_model,
-    load_model,
-    parse_factory_args,
-)
+from convert.ops import SUPPORTED_OPS, check_supported_ops, export_program, op_counts
 from edgesr.errors import BadInput
 from edgesr.manifest import read_json, sha256
 
@@ -123,7 +117,7 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _factory(user: dict, weights: str, **kwargs) -> ModelSpec:
-    return ModelSpec(factory=f"{user['py']}:build", weights=user["root"] / weights, factory_args=kwargs)
+    return ModelSpec(model=f"{user['py']}:build", weights=user["root"] / weights, factory_args=kwargs)
 
 
 @pytest.mark.parametrize("weights", ["plain.pt", "wrapped.pt", "dataparallel.pt"])
@@ -134,7 +128,8 @@ def test_factory_from_a_py_file_loads_the_weights(user, weights):
         assert torch.equal(got.model(x), user["net"](x))
     assert got.scale == 2 and got.name == "build" and got.input_size is None and not got.model.training
     assert got.source["kind"] == "module:factory" and got.source["weights"] == str(user["root"] / weights)
-    assert got.ops == {"aten.add": 1, "aten.conv2d": 3, "aten.leaky_relu": 1, "aten.pixel_shuffle": 1, "aten.prelu": 1}
+    ops = op_counts(export_program(got.model, "user", 32))
+    assert ops == {"aten.add": 1, "aten.conv2d": 3, "aten.leaky_relu": 1, "aten.pixel_shuffle": 1, "aten.prelu": 1}
 
 
 def test_factory_by_module_name_with_args(user, monkeypatch):
@@ -143,7 +138,7 @@ def test_factory_by_module_name_with_args(user, monkeypatch):
     net = user["ns"]["build"](feats=6, scale=3).eval()
     torch.save(net.state_dict(), user["root"] / "x3.pt")
     got = load_model(
-        ModelSpec(factory="user_models:build", weights=user["root"] / "x3.pt", factory_args={"feats": 6, "scale": 3})
+        ModelSpec(model="user_models:build", weights=user["root"] / "x3.pt", factory_args={"feats": 6, "scale": 3})
     )
     assert got.scale == 3 and got.source["factory_args"] == {"feats": 6, "scale": 3}
     x = torch.rand(1, 3, 16, 16)
@@ -166,8 +161,9 @@ def test_weights_that_do_not_match_the_factory(user):
 
 
 def test_unsupported_operators_are_named_with_their_layers(user):
+    got = load_model(_factory(user, "plain.pt", warp=True, spectral=True))
     with pytest.raises(BadInput) as err:
-        load_model(_factory(user, "plain.pt", warp=True, spectral=True))
+        check_supported_ops(export_program(got.model, "user", 32), "user")
     msg = str(err.value)
     assert "unsupported operators for TFLite/Core ML conversion" in msg and "\n" not in msg
     assert "aten.grid_sampler in warp (Warp)" in msg or "aten.grid_sampler_2d in warp (Warp)" in msg
@@ -232,10 +228,8 @@ def test_official_edsr_large_gets_res_scale_0_1(tmp_path):
 
 
 def test_spec_and_argument_errors(user):
-    with pytest.raises(BadInput, match="either --checkpoint or --model"):
+    with pytest.raises(BadInput, match="either --checkpoint FILE or --model"):
         ModelSpec()
-    with pytest.raises(BadInput, match="needs --weights"):
-        ModelSpec(factory="a:b")
     with pytest.raises(BadInput, match="go with --model"):
         ModelSpec(checkpoint=Path("m.pt"), weights=Path("w.pt"))
     with pytest.raises(BadInput, match="--factory-args: not valid JSON"):
@@ -249,11 +243,11 @@ def test_spec_and_argument_errors(user):
         (f"{user['py']}:missing", "has no callable 'missing'"),
         (f"{user['py']}:not_a_model", "returned str, not a torch nn.Module"),
         (f"{user['py']}:broken", "broken(**{}) failed: ValueError: feats must be even"),
-        ("justaname", "expected module:factory"),
+        ("justaname", "unknown model 'justaname'; known: edsr-8-128"),
     ]
     for factory, message in cases:
         with pytest.raises(BadInput, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
-            load_model(ModelSpec(factory=factory, weights=w))
+            load_model(ModelSpec(model=factory, weights=w))
     with pytest.raises(BadInput, match="not a torch.export program"):
         load_model(ModelSpec(checkpoint=_write(user["root"] / "junk.pt2", b"not a zip")))
 
