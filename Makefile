@@ -22,6 +22,11 @@ CHANNEL_METHODS := fmp channel-only channel-l1
 TARGET_FLAGS = $(if $(filter $(METHOD),$(CHANNEL_METHODS)),--params $(PARAMS) \
 	$(if $(filter fmp,$(METHOD)),--weight-sparsity $(WEIGHT_SPARSITY),),--sparsity $(SPARSITY))
 CKPT ?= checkpoints/edsr-tiny-x2/model.pt
+# A model of your own instead of CKPT: MODEL=nets/sr.py:build [WEIGHTS=sr.pth] [FACTORY_ARGS='{"scale": 2}'].
+MODEL ?=
+WEIGHTS ?=
+FACTORY_ARGS ?=
+MODEL_FLAGS = --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS),) $(if $(FACTORY_ARGS),--factory-args '$(FACTORY_ARGS)',)
 OUT ?= runs/latest
 FORMATS ?= tflite,coreml
 PRECISION ?= fp32
@@ -39,7 +44,8 @@ BENCH_ARGS ?=
 help: ## list the targets
 	@echo "edgesr make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
-	@echo "knobs: METHOD TARGET (=SPARSITY) PARAMS WEIGHT_SPARSITY STEPS COMPRESS_ARGS CKPT OUT FORMATS PRECISION TILE"
+	@echo "knobs: METHOD TARGET (=SPARSITY) PARAMS WEIGHT_SPARSITY STEPS COMPRESS_ARGS CKPT MODEL WEIGHTS FACTORY_ARGS"
+	@echo "       OUT FORMATS PRECISION TILE"
 	@echo "       ARTIFACTS BUDGETS TARGETS TARGETS_FILE TEST_SET"
 	@echo "       PYTEST_ARGS BENCH_ARGS (see README)"
 
@@ -96,7 +102,7 @@ lint: setup ## ruff format check and lint
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
 
 compress: setup ## prune CKPT with METHOD to TARGET sparsity (magnitude|iks) or PARAMS (fmp|channel-*), into OUT/pruned
-	$(PY) -m compress prune --checkpoint $(CKPT) --method $(METHOD) $(TARGET_FLAGS) --steps $(STEPS) \
+	$(PY) -m compress prune $(if $(MODEL),$(MODEL_FLAGS),--checkpoint $(CKPT)) --method $(METHOD) $(TARGET_FLAGS) --steps $(STEPS) \
 		--test-set $(TEST_SET) --out $(OUT)/pruned $(COMPRESS_ARGS)
 
 bench-prune: setup ## print PSNR and step time of dense, magnitude and IKS at 50/80/90% (a benchmark, ~30 min)
@@ -107,7 +113,7 @@ bench-prune: setup ## print PSNR and step time of dense, magnitude and IKS at 50
 CONVERT_CKPT = $(if $(filter file,$(origin CKPT)),$(or $(wildcard $(OUT)/pruned/model.pt),$(CKPT)),$(CKPT))
 convert: setup ## convert CKPT (.pt or .pt2; default OUT/pruned/model.pt if it exists) to FORMATS x PRECISION, into OUT/convert
 	@mkdir -p $(OUT)
-	$(PY) -m convert --checkpoint $(CONVERT_CKPT) --formats $(FORMATS) --precision $(PRECISION) \
+	$(PY) -m convert $(if $(MODEL),$(MODEL_FLAGS),--checkpoint $(CONVERT_CKPT)) --formats $(FORMATS) --precision $(PRECISION) \
 		$(if $(filter file,$(origin TILE)),,--tile $(TILE)) --out $(OUT)/convert
 
 bench: setup ## bench ARTIFACTS on TARGETS against BUDGETS, report into OUT

@@ -32,7 +32,7 @@ from typing import Any
 from compress.flags import ConfigError, add_config_flags, build_config, flag_error, given
 from compress.intake import LoadedModel, add_model_arguments, load_model, spec_from_args
 from compress.pruning.methods import METHODS
-from compress.train import FINETUNE, TRAIN, TrainConfig, TrainData, is_main_process, train
+from compress.train import FINETUNE, TRAIN, TrainConfig, TrainData, finetune_lr, is_main_process, train
 from edgesr.datasets import lr_degradation
 from edgesr.errors import ArgumentParser, BadInput, run_cli
 from edgesr.images import DEGRADATIONS
@@ -69,6 +69,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         for f in TRAIN_FIELDS
         if getattr(TRAIN, f) != getattr(FINETUNE, f)
     }
+    notes["lr"] = f"default {TRAIN.lr} / {FINETUNE.lr} x sqrt(fraction the method removes), at least {finetune_lr(0):g}"
     add_config_flags(g, {"train": TrainConfig}, defaults_note=notes)
 
 
@@ -111,9 +112,14 @@ def _method_config(args: argparse.Namespace) -> Any:
         raise BadInput(flag_error(exc, cls)) from None
 
 
-def _train_config(args: argparse.Namespace, trained: bool) -> TrainConfig:
+def _train_config(args: argparse.Namespace, trained: bool, method: Any) -> TrainConfig:
+    """The run's TrainConfig: TRAIN or FINETUNE under the user's flags; a fine-tune's peak lr, unless given, follows
+    how much the method removes (`train.finetune_lr`; 0 for dense fine-tuning)."""
+    values = given(args, TRAIN_FIELDS)
+    if trained and "lr" not in values:
+        values["lr"] = finetune_lr(method.removed if method is not None else 0.0)
     try:
-        return build_config(TrainConfig, given(args, TRAIN_FIELDS), FINETUNE if trained else TRAIN)
+        return build_config(TrainConfig, values, FINETUNE if trained else TRAIN)
     except ConfigError as exc:
         raise BadInput(flag_error(exc, TrainConfig)) from None
 
@@ -223,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate(args)
     method = _method_config(args) if args.command == "prune" else None  # flags first: before any slow work
     loaded = _load(args, trainable=True)
-    cfg = _train_config(args, loaded.trained)
+    cfg = _train_config(args, loaded.trained, method)
     from compress.data import PatchSampler, TrainingSet
     from edgesr.datasets import load_test_set
 

@@ -65,6 +65,11 @@ class ChannelL1Config:
     def target(self) -> float:
         return self.params if self.params is not None else self.macs  # type: ignore[return-value]
 
+    @property
+    def removed(self) -> float:
+        """The fraction of parameters (or MACs) the method removes (what sets the fine-tuning lr)."""
+        return 1.0 - self.target
+
 
 @torch.no_grad()
 def l1_channel_scores(model: nn.Module, groups: list[ChannelGroup], normalize: bool = True) -> dict[int, torch.Tensor]:

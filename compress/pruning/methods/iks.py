@@ -72,6 +72,11 @@ class IKSConfig:
     tolerance: float = option(0.0, "accept a selected model this far (fraction) below the target; the reference: 0.05")
     val_set: str = option("hopper", "held-out images for checkpoint selection (a bundled set or a folder)")
 
+    @property
+    def removed(self) -> float:
+        """The fraction of the pruned layers' weights the method removes (what sets the fine-tuning lr)."""
+        return self.sparsity
+
     def __post_init__(self) -> None:
         require(self.sparsity is not None, "sparsity", "is needed by --method iks")
         require(0.0 < self.sparsity < 1.0, "sparsity", f"must be in (0, 1), got {self.sparsity}")

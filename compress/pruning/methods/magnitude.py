@@ -31,6 +31,11 @@ class MagnitudeConfig:
     prune_fraction: float = option(0.5, "share of the steps over which sparsity ramps up (cubic); the rest fine-tunes")
     frequency: int = option(0, "steps between mask updates during the ramp (0: the ramp's length / 20)")
 
+    @property
+    def removed(self) -> float:
+        """The fraction of the pruned layers' weights the method removes (what sets the fine-tuning lr)."""
+        return self.sparsity
+
     def __post_init__(self) -> None:
         require(self.sparsity is not None, "sparsity", "is needed by --method magnitude")
         require(0.0 < self.sparsity < 1.0, "sparsity", f"must be in (0, 1), got {self.sparsity}")

@@ -57,6 +57,11 @@ class ChannelOnlyConfig:
         return self.params if self.params is not None else self.macs  # type: ignore[return-value]
 
     @property
+    def removed(self) -> float:
+        """The fraction of parameters (or MACs) the method removes (what sets the fine-tuning lr)."""
+        return 1.0 - self.target
+
+    @property
     def method(self) -> str:
         return "channel-only"
 
