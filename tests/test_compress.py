@@ -134,3 +134,24 @@ def test_shipped_checkpoint_beats_bicubic():
     assert ours > bicubic + 0.5
     # Same figure as recorded; thread count changes float summation order, hence not bit-exact.
     assert ours == pytest.approx(manifest["psnr_y_db"], abs=1e-3)
+
+
+def test_default_fine_tuning_keeps_a_trained_model(tmp_path):
+    """Pruning the shipped model by 1 % with the fine-tuning defaults (distilled, warm-up, lr for 1 % removed)
+    does not cost it quality; the manifest records the settings the defaults chose."""
+    from compress.evaluate import evaluate
+    from compress.train import FINETUNE, finetune_lr
+    from edgesr.datasets import load_test_set
+
+    ckpt = REPO / "checkpoints" / "edsr-tiny-x2" / "model.pt"
+    model, _ = load_checkpoint(ckpt)
+    before = evaluate(model, load_test_set("butterfly", 2), 2)["mean"]["psnr_y_db"]
+    out = tmp_path / "p1"
+    r = run_compress("prune", "--checkpoint", ckpt, "--sparsity", "0.01", "--steps", "40", "--test-set", "butterfly",
+                     "--device", "cpu", "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    cfg = manifest["train"]["config"]
+    assert cfg["lr"] == finetune_lr(0.01) == FINETUNE.lr * 0.1 and cfg["distill"] == 1.0 and cfg["warmup"] == 0.05
+    assert manifest["psnr_y_db"] > before - 0.05, (manifest["psnr_y_db"], before)
+    assert finetune_lr(0.8) == pytest.approx(5e-4 * 0.8**0.5) and finetune_lr(0.0) == 5e-5
