@@ -155,3 +155,35 @@ def test_default_fine_tuning_keeps_a_trained_model(tmp_path):
     assert cfg["lr"] == finetune_lr(0.01) == FINETUNE.lr * 0.1 and cfg["distill"] == 1.0 and cfg["warmup"] == 0.05
     assert manifest["psnr_y_db"] > before - 0.05, (manifest["psnr_y_db"], before)
     assert finetune_lr(0.8) == pytest.approx(5e-4 * 0.8**0.5) and finetune_lr(0.0) == 5e-5
+
+
+def test_training_from_a_div2k_folder_uses_its_lr_files_and_a_bounded_cache(tmp_path):
+    """A DIV2K-layout folder: the shipped LR files are the training inputs (not re-made from HR), images are read
+    lazily, and the decoded-image cache stays within its byte budget."""
+    from compress.data import TrainingSet
+    from edgesr.images import bicubic_downscale, load_rgb, modcrop, save_png
+
+    hr_dir, lr_dir = tmp_path / "DIV2K_train_HR", tmp_path / "DIV2K_train_LR_bicubic" / "X2"
+    hr_dir.mkdir()
+    lr_dir.mkdir(parents=True)
+    for i, (_, img) in enumerate(load_training_images("bundled")[:4]):
+        hr = modcrop(img[:200, :240], 2)
+        save_png(hr_dir / f"{i:04d}.png", hr)
+        save_png(lr_dir / f"{i:04d}x2.png", 255 - bicubic_downscale(hr, 2, "matlab"))  # unmistakably the file's
+    budget = 2 * 200 * 240 * 3  # about two decoded HR + LR pairs
+    images = TrainingSet.from_source(tmp_path, 2, cache_bytes=budget)
+    assert [e.lr_path.name for e in images.entries] == [f"{i:04d}x2.png" for i in range(4)]
+    hr, lr = images.pair(1)
+    assert torch.equal(lr, torch.from_numpy(load_rgb(lr_dir / "0001x2.png")).permute(2, 0, 1))
+    sampler = PatchSampler(images, 2, 16, 4, 0)
+    for _ in range(6):
+        lr_batch, hr_batch = sampler.batch()
+        assert lr_batch.shape == (4, 3, 16, 16) and hr_batch.shape == (4, 3, 32, 32)
+        assert images._cached_bytes <= budget
+    out = tmp_path / "ft"
+    shipped = REPO / "checkpoints" / "edsr-tiny-x2" / "model.pt"
+    r = run_compress("train", "--checkpoint", shipped, "--data", tmp_path, "--steps", "2", "--batch-size", "2",
+                     "--patch", "16", "--test-set", "butterfly", "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["train"]["config"]["distill"] == 1.0 and manifest["pruning"] is None
