@@ -10,16 +10,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from compress.evaluate import layer_positions
+from compress.flags import option, require
 from compress.pruning.coupling import ChannelGroup
 from compress.pruning.layers import conv_like_layers, groups_of, in_channels, is_depthwise, out_channels
 
 METRICS = ("params", "macs")
+
+
+@dataclass(frozen=True)
+class ChannelBudget:
+    """What the channel methods share: the budget the compact net must meet (exactly one of the two)."""
+
+    params: float | None = option(
+        None, "fraction of the original's non-zero parameters the compact net keeps, in (0, 1)"
+    )
+    macs: float | None = option(None, "... or of its MACs for a 1280x720 output, instead of --params")
+
+    def __post_init__(self) -> None:
+        given = [(n, v) for n, v in (("params", self.params), ("macs", self.macs)) if v is not None]
+        require(len(given) == 1, "params", "or --macs is needed by the channel methods (one of them, not both)")
+        name, value = given[0]
+        require(0.0 < value < 1.0, name, f"must be in (0, 1), got {value}")
+
+    @property
+    def metric(self) -> str:
+        return "params" if self.params is not None else "macs"
+
+    @property
+    def target(self) -> float:
+        return self.params if self.params is not None else self.macs  # type: ignore[return-value]
+
+    @property
+    def removed(self) -> float:
+        """The fraction of parameters (or MACs) the method removes (what sets the fine-tuning lr)."""
+        return 1.0 - self.target
 
 
 def _per_channel_params(module: nn.Module) -> int:

@@ -29,6 +29,7 @@ from torch import nn
 from compress.flags import option, require
 from compress.pruning.base import Pruner
 from compress.pruning.budget import (
+    ChannelBudget,
     ChannelCost,
     budget_summary,
     check_reachable,
@@ -45,30 +46,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ChannelL1Config:
-    params: float | None = option(None, "fraction of the original's parameters the compact net keeps, in (0, 1)")
-    macs: float | None = option(None, "... or of its MACs for a 1280x720 output, instead of --params")
+class ChannelL1Config(ChannelBudget):
     min_channels: int = option(4, "never prune a channel group below this many channels")
 
     def __post_init__(self) -> None:
-        given = [(n, v) for n, v in (("params", self.params), ("macs", self.macs)) if v is not None]
-        require(len(given) == 1, "params", "or --macs is needed by the channel methods (one of them, not both)")
-        name, value = given[0]
-        require(0.0 < value < 1.0, name, f"must be in (0, 1), got {value}")
+        super().__post_init__()
         require(self.min_channels >= 1, "min_channels", f"must be >= 1, got {self.min_channels}")
-
-    @property
-    def metric(self) -> str:
-        return "params" if self.params is not None else "macs"
-
-    @property
-    def target(self) -> float:
-        return self.params if self.params is not None else self.macs  # type: ignore[return-value]
-
-    @property
-    def removed(self) -> float:
-        """The fraction of parameters (or MACs) the method removes (what sets the fine-tuning lr)."""
-        return 1.0 - self.target
 
 
 @torch.no_grad()

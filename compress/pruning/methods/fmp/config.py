@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.flags import option, require
+from compress.pruning.budget import ChannelBudget
 
 INITS = ("pretrained", "scratch")
 WEIGHTS_FROM = ("channel-lock", "start")
@@ -12,13 +13,9 @@ WEIGHT_SCORES = ("mean-u-abs-w", "u")
 
 
 @dataclass(frozen=True)
-class ChannelOnlyConfig:
+class ChannelOnlyConfig(ChannelBudget):
     """Channel-only meta pruning (DHP-style: FMP's structured half, no weight indicators)."""
 
-    params: float | None = option(
-        None, "fraction of the original's non-zero parameters the compact net keeps, in (0, 1)"
-    )
-    macs: float | None = option(None, "... or of its MACs for a 1280x720 output, instead of --params")
     embedding_dim: int = option(8, "hypernetwork embedding size m (DHP: 8)")
     lambda_channel: float = option(
         0.0, "prox strength on the channel vectors (0: calibrated to the median |dL/dz| of the first check)"
@@ -35,10 +32,7 @@ class ChannelOnlyConfig:
     layers: str = option("auto", "layers that get hypernetworks: auto (every conv in a prunable group) or globs")
 
     def __post_init__(self) -> None:
-        given = [(n, v) for n, v in (("params", self.params), ("macs", self.macs)) if v is not None]
-        require(len(given) == 1, "params", "or --macs is needed by the channel methods (one of them, not both)")
-        name, value = given[0]
-        require(0.0 < value < 1.0, name, f"must be in (0, 1), got {value}")
+        super().__post_init__()
         for f in ("embedding_dim", "min_channels"):
             require(getattr(self, f) >= 1, f, f"must be >= 1, got {getattr(self, f)}")
         require(self.check_every >= 0, "check_every", f"must be >= 0, got {self.check_every}")
@@ -47,19 +41,6 @@ class ChannelOnlyConfig:
         require(self.channel_threshold > 0, "channel_threshold", f"must be > 0, got {self.channel_threshold}")
         require(0.0 < self.search_fraction < 1.0, "search_fraction", f"must be in (0, 1), got {self.search_fraction}")
         require(self.init in INITS, "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
-
-    @property
-    def metric(self) -> str:
-        return "params" if self.params is not None else "macs"
-
-    @property
-    def target(self) -> float:
-        return self.params if self.params is not None else self.macs  # type: ignore[return-value]
-
-    @property
-    def removed(self) -> float:
-        """The fraction of parameters (or MACs) the method removes (what sets the fine-tuning lr)."""
-        return 1.0 - self.target
 
     @property
     def method(self) -> str:
