@@ -5,6 +5,7 @@
   python -m convert --checkpoint edsr_baseline_x2-1bc95232.pt --out runs/edsr --formats tflite --tile 96
   python -m convert --model mynets/sr.py:build --factory-args '{"scale": 2}' --weights sr.pth --out runs/mine
   python -m convert --checkpoint model.pt2 --out runs/exported
+  python -m convert --checkpoint runs/pruned/model.pt --tile 128,256,frame --frame 960x540 --out runs/sweep
 
 The model (the same flags as compress; compress.intake), one of:
   --checkpoint FILE         an edgesr checkpoint (compress's model.pt, preset or factory + pruned shapes), an
@@ -33,6 +34,9 @@ weight qualified are listed under "skipped" in the manifest, not written.
 Every artifact is run (TFLite in ai_edge_litert, Core ML in edgesr's reference executor for ML programs) on a
 crop of a bundled photo and compared with torch against its precision's tolerance. The files take one fixed tile
 size: the device runner tiles images with the recorded overlap (the model's receptive-field radius + 1).
+--tile takes a list for a tile sweep (and `frame`, the whole --frame at once): each tile gets its own folder
+<out>/tile-<size>/ (tile-128, tile-960x540) with its own manifest, all written or none; device_bench bench takes
+<out> and picks the tiles its workload names.
 
 Exit codes: 0 done, 1 a parity check failed (nothing written), 2 bad input (nothing written).
 """
@@ -69,10 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tile",
-        type=int,
         default=None,
-        help="LR tile side in pixels the files take; must exceed 2 x overlap "
-        "(default 128, or the input size of a .pt2 exported with static shapes)",
+        metavar="N[,N|frame...]",
+        help="LR tile side in pixels the files take (must exceed 2 x overlap), or `frame` (the whole --frame); a "
+        "list makes one tile-<size>/ folder each (default 128, or the input size of a .pt2 exported with static "
+        "shapes)",
+    )
+    parser.add_argument(
+        "--frame", metavar="WxH", help="the workload's LR frame, e.g. 960x540 (what --tile frame converts for)"
     )
     parser.add_argument(
         "--sparse-min",
@@ -101,15 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_converters()
     # torch and the converters load only past --help
     from compress.intake import spec_from_args
-    from convert.pipeline import convert_model, parse_formats, parse_precisions
+    from convert.pipeline import parse_formats, parse_precisions
+    from convert.tiles import convert_tiles
+    from edgesr.workload import parse_frame, parse_tiles, tile_size
 
+    frame = parse_frame(args.frame) if args.frame else None
+    tiles = parse_tiles(args.tile) if args.tile else None
+    for t in tiles or ():
+        tile_size(t, frame)  # `frame` needs --frame: say so before loading anything
     spec = spec_from_args(args)
-    convert_model(
+    convert_tiles(
         spec,
         args.out,
+        tiles,
+        frame,
         formats=parse_formats(args.formats),
         precisions=parse_precisions(args.precision),
-        tile=args.tile,
         sparse_min=args.sparse_min,
         name=args.name,
     )

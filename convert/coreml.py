@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from convert import mil_exec
-from edgesr.manifest import atomic_output, size_bytes
+from edgesr.manifest import atomic_output
+from edgesr.workload import Size, as_size, size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,9 @@ class CoreMLStats:
     inline_tensors: int = 0  # conv weights kept inline (under 10 elements), never compressed
 
 
-def convert_coreml(model: nn.Module, tile: int, target: str = "iOS16", compute_precision: str = "fp32") -> Any:
-    """Trace and convert to an ML Program (an in-memory `ct.models.MLModel`) for (1, 3, tile, tile) input.
+def convert_coreml(model: nn.Module, tile: int | Size, target: str = "iOS16", compute_precision: str = "fp32") -> Any:
+    """Trace and convert to an ML Program (an in-memory `ct.models.MLModel`) for (1, 3, H, W) input (the tile: a
+    side, or (H, W)).
 
     `compute_precision` "fp16" stores weights and computes in fp16; input and output stay float32 either way.
     """
@@ -70,12 +72,13 @@ def convert_coreml(model: nn.Module, tile: int, target: str = "iOS16", compute_p
     if target not in TARGETS:
         raise ValueError(f"unknown Core ML target {target!r}; known: {', '.join(TARGETS)}")
     precision = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[compute_precision]
-    sample = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0))
+    h, w = as_size(tile)
+    sample = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         traced = torch.jit.trace(model.eval(), sample)
     return ct.convert(
         traced,
-        inputs=[ct.TensorType(name=INPUT_NAME, shape=(1, 3, tile, tile), dtype=np.float32)],
+        inputs=[ct.TensorType(name=INPUT_NAME, shape=(1, 3, h, w), dtype=np.float32)],
         outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
         convert_to="mlprogram",
         minimum_deployment_target=getattr(ct.target, target),

@@ -39,6 +39,7 @@ from convert.weight_bound import bound_bytes
 from edgesr.errors import CheckFailed
 from edgesr.manifest import sha256, size_bytes
 from edgesr.metrics import psnr_float
+from edgesr.workload import Size
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def file_name(encoding: str, precision: str) -> str:
     return f"{encoding}.mlpackage" if precision == "fp32" else f"{encoding}-{precision}.mlpackage"
 
 
-def _build(model: nn.Module, precision: str, tile: int, sparse_min: float) -> list[Built]:
+def _build(model: nn.Module, precision: str, tile: Size, sparse_min: float) -> list[Built]:
     """The dense and sparse models of one precision (the sparse one only if some tensor is stored sparse)."""
     bits = VALUE_BITS[precision]
     if precision in ("fp32", "fp16"):
@@ -242,7 +243,7 @@ def _dequantized_parity(
     return {"max_abs_error": err, "tolerance": DEQUANTIZED_MAX_ABS, "convs_replaced": replaced}
 
 
-def _artifact(built: Built, path: Path, precision: str, sparse_min: float, tile: int, scale: int) -> dict[str, Any]:
+def _artifact(built: Built, path: Path, precision: str, sparse_min: float, tile: Size, scale: int) -> dict[str, Any]:
     stats = coreml.mlpackage_stats(path)
     a: dict[str, Any] = {
         "file": path.name,
@@ -267,8 +268,8 @@ def _artifact(built: Built, path: Path, precision: str, sparse_min: float, tile:
             "dtype": "float32",
             "input_name": coreml.INPUT_NAME,
             "output_name": coreml.OUTPUT_NAME,
-            "input_shape": [1, 3, tile, tile],
-            "output_shape": [1, 3, scale * tile, scale * tile],
+            "input_shape": [1, 3, *tile],
+            "output_shape": [1, 3, scale * tile[0], scale * tile[1]],
         },
     }
     if built.encoding == "sparse":
@@ -292,7 +293,7 @@ def coreml_artifacts(
     model: nn.Module,
     staging: Path,
     precision: str,
-    tile: int,
+    tile: Size,
     sparse_min: float,
     x: np.ndarray,
     reference: np.ndarray,

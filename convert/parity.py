@@ -27,6 +27,7 @@ from edgesr.datasets import load_test_set
 from edgesr.errors import CheckFailed
 from edgesr.images import quantize_uint8, to_float
 from edgesr.metrics import psnr, psnr_float
+from edgesr.workload import Size, as_size, make_frame
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +60,11 @@ TFLITE_TOLERANCES: dict[str, Tolerance] = {
 XNNPACK, BUILTIN = "xnnpack", "builtin"
 
 
-def parity_tile(tile: int, scale: int, image: str = PARITY_IMAGE) -> np.ndarray:
-    """A (1, tile, tile, 3) float32 NHWC crop from the centre of a bundled photo's LR image (edge-padded if small)."""
+def parity_tile(tile: int | Size, scale: int, image: str = PARITY_IMAGE) -> np.ndarray:
+    """A (1, H, W, 3) float32 NHWC crop of the tile's size from the centre of a bundled photo's LR image (mirrored
+    outwards where the photo is smaller, as device_bench makes its frames)."""
     pairs = {p.name: p for p in load_test_set(PARITY_SET, scale)}
-    lr = to_float(pairs[image].lr)
-    h, w = lr.shape[:2]
-    if h < tile or w < tile:
-        lr = np.pad(lr, ((0, max(0, tile - h)), (0, max(0, tile - w)), (0, 0)), mode="edge")
-        h, w = lr.shape[:2]
-    top, left = (h - tile) // 2, (w - tile) // 2
-    return np.ascontiguousarray(lr[top : top + tile, left : left + tile])[None]
+    return make_frame(to_float(pairs[image].lr), as_size(tile))[None]
 
 
 @torch.no_grad()
@@ -193,24 +189,25 @@ def tflite_parity(
     }
 
 
-def sporco_tiles(tile: int, scale: int, per_image: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(LR (1, tile, tile, 3) float32 NHWC, HR (s*tile, s*tile, 3) uint8) crops of the bundled sporco test set.
+def sporco_tiles(tile: int | Size, scale: int, per_image: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(LR (1, H, W, 3) float32 NHWC, HR (s*H, s*W, 3) uint8) crops of the bundled sporco test set.
 
     Up to `per_image` crops per photo on a regular grid, so a fixed-shape .tflite can be scored on real images
     without the runner's tiling. Photos whose LR image is smaller than the tile are left out.
     """
+    th, tw = as_size(tile)
     out = []
     for pair in load_test_set(PARITY_SET, scale):
         h, w = pair.lr.shape[:2]
-        if h < tile or w < tile:
+        if h < th or w < tw:
             continue
         side = max(1, int(math.isqrt(per_image)))
-        tops = np.linspace(0, h - tile, side).astype(int)
-        lefts = np.linspace(0, w - tile, side).astype(int)
+        tops = np.linspace(0, h - th, side).astype(int)
+        lefts = np.linspace(0, w - tw, side).astype(int)
         for top in tops:
             for left in lefts:
-                lr = to_float(pair.lr[top : top + tile, left : left + tile])[None]
-                hr = pair.hr[top * scale : (top + tile) * scale, left * scale : (left + tile) * scale]
+                lr = to_float(pair.lr[top : top + th, left : left + tw])[None]
+                hr = pair.hr[top * scale : (top + th) * scale, left * scale : (left + tw) * scale]
                 out.append((np.ascontiguousarray(lr), hr))
     return out  # empty when the tile is larger than every LR image
 

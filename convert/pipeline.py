@@ -33,6 +33,7 @@ from convert.receptive_field import local_receptive_field, tiling_overlap
 from convert.sparse_tflite import MIN_SPARSITY
 from edgesr.errors import BadInput
 from edgesr.manifest import MANIFEST_NAME, new_manifest, sha256, size_bytes, versions, write_json
+from edgesr.workload import MAX_SIDE, Size, as_size, format_size
 
 log = logging.getLogger("convert")
 
@@ -56,7 +57,7 @@ WEIGHT_KEYS = ("conv_weights", "nonzeros", "sparse_tensors", "weight_bytes", "bo
 class ConvertConfig:
     formats: tuple[str, ...] = FORMATS
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS
-    tile: int | None = None  # LR tile side in pixels the files take; None: DEFAULT_TILE or a static .pt2's size
+    tile: Size | None = None  # LR tile (height, width) the files take; None: DEFAULT_TILE or a static .pt2's size
     sparse_min: float = MIN_SPARSITY  # encode a conv's weights sparse when at least this fraction is zero
     name: str | None = None  # model name for report rows
 
@@ -67,8 +68,8 @@ class ConvertConfig:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
         if unknown or not self.precisions:
             raise BadInput(f"unknown precision '{unknown[0] if unknown else ''}'; known: {', '.join(PRECISIONS)}")
-        if self.tile is not None and self.tile < 1:
-            raise BadInput(f"tile must be a positive number of pixels, got {self.tile}")
+        if self.tile is not None and not (1 <= min(self.tile) and max(self.tile) <= MAX_SIDE):
+            raise BadInput(f"tile must be 1..{MAX_SIDE} pixels a side, got {format_size(self.tile)}")
         if not 0.0 <= self.sparse_min <= 1.0:
             raise BadInput(f"sparse-min must be in [0, 1], got {self.sparse_min}")
 
@@ -95,7 +96,7 @@ def convert_checkpoint(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
     formats: Iterable[str] = FORMATS,
-    tile: int | None = DEFAULT_TILE,
+    tile: int | Size | None = DEFAULT_TILE,
     sparse_min: float = MIN_SPARSITY,
     name: str | None = None,
     precisions: Iterable[str] = DEFAULT_PRECISIONS,
@@ -110,14 +111,16 @@ def convert_model(
     out_dir: str | os.PathLike,
     formats: Iterable[str] = FORMATS,
     precisions: Iterable[str] = DEFAULT_PRECISIONS,
-    tile: int | None = None,
+    tile: int | Size | None = None,
     sparse_min: float = MIN_SPARSITY,
     name: str | None = None,
+    frame: Size | None = None,
 ) -> dict[str, Any]:
-    """Convert the model `spec` names into `out_dir`, every format x precision; returns the manifest it wrote."""
-    cfg = ConvertConfig(tuple(formats), tuple(precisions), tile, sparse_min, name)
+    """Convert the model `spec` names into `out_dir`, every format x precision, for one tile (a side or (H, W));
+    returns the manifest it wrote. `frame` (the workload's LR frame) is recorded when the tile is the frame."""
+    cfg = ConvertConfig(tuple(formats), tuple(precisions), None if tile is None else as_size(tile), sparse_min, name)
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     intake = load_model(spec)
     program = export_program(intake.model, spec.origin, intake.input_size or PROBE_SIZE)
     check_supported_ops(program, spec.origin)
@@ -126,18 +129,18 @@ def convert_model(
     model = intake.model
     log.info("%s: x%d SR model, %d kinds of operators, all supported", spec.origin, intake.scale, len(intake_ops))
     # A static .pt2 runs at its own size only: probe the receptive field there.
-    probe = {"start": tile, "limit": tile} if intake.input_size else {}
+    probe = {"start": min(tile), "limit": min(tile)} if intake.input_size else {}
     radius, global_stats = local_receptive_field(model, **probe)
     overlap = tiling_overlap(radius)
-    if tile <= 2 * overlap:
+    if min(tile) <= 2 * overlap:
         raise BadInput(
-            f"tile {tile} must be larger than 2 x overlap = {2 * overlap} "
+            f"tile {format_size(tile)} must be larger than 2 x overlap = {2 * overlap} a side "
             f"(overlap = receptive-field radius {radius} + {overlap - radius})"
         )
     x = parity.parity_tile(tile, intake.scale)
     lowered = lower_for_conversion(model, x, spec.origin)  # what the converters get; `model` stays the reference
     converted_ops = op_counts(lowered.program) if lowered.program is not None else intake_ops
-    created = _make_out_dir(out_dir)
+    created = make_out_dir(out_dir)
     try:
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".convert-"))
     except OSError as exc:
@@ -154,7 +157,7 @@ def convert_model(
             model=cfg.name or intake.name,
             source=intake.source,
             scale=intake.scale,
-            tile=_tile_record(tile, overlap, radius, global_stats),
+            tile=_tile_record(tile, overlap, radius, global_stats, frame),
             io={
                 "layout": "NHWC",
                 "dtype": "float32",
@@ -182,9 +185,13 @@ def convert_model(
     return manifest
 
 
-def _tile_record(tile: int, overlap: int, radius: int, global_stats: list[str]) -> dict[str, Any]:
+def _tile_record(
+    tile: Size, overlap: int, radius: int, global_stats: list[str], frame: Size | None = None
+) -> dict[str, Any]:
     """The manifest's tile: size, overlap, radius; for a model with global statistics, which and what it means."""
-    record: dict[str, Any] = {"height": tile, "width": tile, "overlap": overlap, "receptive_field_radius": radius}
+    record: dict[str, Any] = {"height": tile[0], "width": tile[1], "overlap": overlap, "receptive_field_radius": radius}
+    if frame is not None and tuple(frame) == tuple(tile):
+        record["whole_frame"] = format_size(frame)
     if global_stats:
         record["global_statistics"] = global_stats
         record["note"] = (
@@ -194,23 +201,24 @@ def _tile_record(tile: int, overlap: int, radius: int, global_stats: list[str]) 
     return record
 
 
-def _tile(cfg: ConvertConfig, intake: LoadedModel, spec: ModelSpec) -> int:
-    """The tile side: as asked, else DEFAULT_TILE; a static .pt2 fixes it to the size it was exported for."""
+def _tile(cfg: ConvertConfig, intake: LoadedModel, spec: ModelSpec) -> Size:
+    """The tile: as asked, else DEFAULT_TILE; a static .pt2 fixes it to the size it was exported for."""
     if intake.input_size is None:
-        return cfg.tile or DEFAULT_TILE
-    if cfg.tile not in (None, intake.input_size):
+        return cfg.tile or (DEFAULT_TILE, DEFAULT_TILE)
+    fixed = (intake.input_size, intake.input_size)
+    if cfg.tile not in (None, fixed):
         raise BadInput(
             f"{spec.origin}: exported for a {intake.input_size}x{intake.input_size} input, so the tile must be "
-            f"{intake.input_size}, not {cfg.tile} (or export it with dynamic H and W)"
+            f"{intake.input_size}, not {format_size(cfg.tile)} (or export it with dynamic H and W)"
         )
-    return intake.input_size
+    return fixed
 
 
 Builder = Callable[[str], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
 
 
 def _builders(
-    model: nn.Module, staging: Path, cfg: ConvertConfig, tile: int, scale: int, x: np.ndarray, reference: np.ndarray
+    model: nn.Module, staging: Path, cfg: ConvertConfig, tile: Size, scale: int, x: np.ndarray, reference: np.ndarray
 ) -> dict[str, tuple[tuple[str, ...], Builder]]:
     """Per requested format: the precisions it builds and a function building one precision's artifacts."""
     out: dict[str, tuple[tuple[str, ...], Builder]] = {}
@@ -238,7 +246,7 @@ def _builders(
 
 
 def _build_all(
-    model: nn.Module, staging: Path, cfg: ConvertConfig, tile: int, scale: int, x: np.ndarray, reference: np.ndarray
+    model: nn.Module, staging: Path, cfg: ConvertConfig, tile: Size, scale: int, x: np.ndarray, reference: np.ndarray
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every format x precision into `staging`: (artifacts, skipped), format by format in FORMATS order."""
     artifacts: list[dict[str, Any]] = []
@@ -271,7 +279,7 @@ def _check_entry(a: dict[str, Any], staging: Path) -> None:
         raise RuntimeError(f"artifact entry {a.get('file')!r} is incomplete or its file is missing: {missing}")
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> None:
     """Fail early, before any slow work, if `out_dir` cannot be used or created."""
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -284,7 +292,7 @@ def _check_out_dir(out_dir: Path) -> None:
         raise BadInput(f"{out_dir}: cannot create it, {out_dir.parent} is not writable")
 
 
-def _make_out_dir(out_dir: Path) -> bool:
+def make_out_dir(out_dir: Path) -> bool:
     """Create `out_dir` if needed; returns True if this call created it."""
     if out_dir.is_dir():
         return False

@@ -36,6 +36,7 @@ from torch import nn
 from convert.sparse_tflite import FILE_IDENTIFIER
 from edgesr.errors import BadInput, CheckFailed
 from edgesr.manifest import atomic_output
+from edgesr.workload import Size, as_size
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,14 @@ _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startsw
 def convert_tflite(
     model: nn.Module,
     path: str | os.PathLike,
-    tile: int,
+    tile: int | Size,
     precision: str = "fp32",
     calibration: np.ndarray | None = None,
 ) -> Path:
-    """Convert `model` (NCHW float in [0, 1] -> NCHW) to a .tflite taking (1, tile, tile, 3) NHWC float32.
+    """Convert `model` (NCHW float in [0, 1] -> NCHW) to a .tflite taking (1, H, W, 3) NHWC float32, where the
+    tile is a side (square) or (H, W).
 
-    `calibration` (N, tile, tile, 3) float32 NHWC patches are required for `int8` and ignored otherwise.
+    `calibration` (N, H, W, 3) float32 NHWC patches are required for `int8` and ignored otherwise.
     """
     path = Path(path)
     data = tflite_bytes(model, tile, precision, calibration)
@@ -67,14 +69,16 @@ def convert_tflite(
     return path
 
 
-def tflite_bytes(model: nn.Module, tile: int, precision: str = "fp32", calibration: np.ndarray | None = None) -> bytes:
+def tflite_bytes(
+    model: nn.Module, tile: int | Size, precision: str = "fp32", calibration: np.ndarray | None = None
+) -> bytes:
     """The .tflite file `convert_tflite` writes, as bytes."""
     import litert_torch  # slow import (jax, transformers); only conversion needs it
 
     if precision not in PRECISIONS:
         raise BadInput(f"unknown TFLite precision '{precision}'; known: {', '.join(PRECISIONS)}")
     wrapped = litert_torch.to_channel_last_io(model.eval(), args=[0], outputs=[0]).eval()
-    sample = torch.rand(1, tile, tile, 3, generator=torch.Generator().manual_seed(0))
+    sample = torch.rand(1, *as_size(tile), 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         if precision == "fp32":
             edge_model = litert_torch.convert(wrapped, (sample,))

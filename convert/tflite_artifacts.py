@@ -26,6 +26,7 @@ from convert.sparse_tflite import SparseStats, conv_filter_stats, sparsify_tflit
 from convert.tflite import PRECISIONS, convert_tflite
 from edgesr.errors import CheckFailed
 from edgesr.manifest import atomic_output, sha256, size_bytes
+from edgesr.workload import Size
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def tflite_artifacts(
     model: nn.Module,
     staging: Path,
     precision: str,
-    tile: int,
+    tile: Size,
     sparse_min: float,
     x: np.ndarray,
     reference: np.ndarray,

@@ -13,6 +13,10 @@ Y channel, border = scale). Each finished measurement is appended to `<out>/resu
 fsynced), so a target that dies later loses nothing already measured. A target that fails (unreachable, killed,
 timed out, dropped) is marked failed with its reason and skips its remaining artifacts; the others go on.
 
+Each target runs at its workload (`device_bench.budgets`: the budgets file's `workload`, the target's own
+override, then --frame / --tile): the artifacts converted for its tile size(s) run the frame loop on frames of
+its frame size (made from the first test image), then the quality pass on the test images.
+
 Re-running the same command resumes: measurements in results.jsonl with the same key (target, artifact sha256 and
 every setting that changes the numbers) are reused, not rerun, unless `fresh` is set.
 """
@@ -20,34 +24,29 @@ every setting that changes the numbers) are reused, not rerun, unless `fresh` is
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import os
-import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from device_bench import budgets as budgets_mod
 from device_bench import report as report_mod
-from device_bench.runner import RUNTIMES
+from device_bench.artifacts import Artifact, apply_description, check_description, for_workload, resolve_artifacts
+from device_bench.jobs import environment, make_row, save_images, score_outputs, write_job
+from device_bench.results import RESULTS_NAME, ResultsLog, key_id, measurement_key, test_set_fingerprint
+from device_bench.runner import MAX_MIN_SECONDS, RUNTIMES
 from device_bench.targets import LocalTarget, Target, make_targets
 from edgesr.datasets import SRPair, load_test_set, lr_degradation
 from edgesr.errors import BadInput, EdgesrError, TargetFailed
-from edgesr.images import DEGRADATIONS, check_degradation, quantize_uint8, save_png, to_float
-from edgesr.manifest import MANIFEST_NAME, read_json, sha256, size_bytes, write_json
+from edgesr.images import bicubic_upscale, check_degradation
+from edgesr.manifest import provenance, sha256
 from edgesr.metrics import mean_scores, sr_scores
+from edgesr.workload import Workload, format_size, parse_frame, parse_tiles
 
 log = logging.getLogger("device_bench")
-
-DEFAULT_OVERLAP = 16  # LR pixels; covers the receptive-field radius of the small EDSR presets (edsr-tiny: ~12)
-RESULTS_NAME = "results.jsonl"
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,9 @@ class BenchConfig:
     save_images: bool = False
     targets_file: Path | None = None
     fresh: bool = False  # ignore (and replace) results.jsonl instead of resuming from it
+    frame: str | None = None  # LR frame WxH of the workload; None: the budgets file's, else the test images
+    tiles: str | None = None  # tile sides (or "frame"), comma-separated; None: the budgets file's, else as built
+    min_seconds: float = 1.0  # the frame loop runs at least this long (and at least `runs` frames)
 
     def __post_init__(self) -> None:
         if not self.artifacts:
@@ -86,6 +88,12 @@ class BenchConfig:
             raise BadInput(f"--runtime must be auto or one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if not self.targets:
             raise BadInput("--targets is empty")
+        if not 0 <= self.min_seconds <= MAX_MIN_SECONDS:
+            raise BadInput(f"--min-seconds must be 0..{MAX_MIN_SECONDS:g}, got {self.min_seconds}")
+        if self.frame is not None:
+            parse_frame(self.frame)
+        if self.tiles is not None:
+            parse_tiles(self.tiles)
         check_degradation(self.degradation)
         if self.out.exists() and not self.out.is_dir():
             raise BadInput(f"{self.out}: --out exists and is not a folder")
@@ -106,322 +114,10 @@ class BenchConfig:
             "targets": list(self.targets),
             "targets_file": str(self.targets_file) if self.targets_file else None,
             "fresh": self.fresh,
+            "frame": self.frame,
+            "tiles": self.tiles,
+            "min_seconds": self.min_seconds,
         }
-
-
-@dataclass
-class Artifact:
-    """One TFLite file to bench and what its convert manifest (if any) says about it."""
-
-    path: Path
-    model: str
-    encoding: str = "unknown"
-    precision: str = "unknown"
-    format: str = "tflite"
-    scale: int | None = None
-    tile: list[int] | None = None
-    overlap: int = DEFAULT_OVERLAP
-    io: dict[str, Any] = field(default_factory=dict)
-    source: dict[str, Any] = field(default_factory=dict)
-    manifest: Path | None = None
-    key: str = ""
-    runtime_requirements: dict[str, Any] = field(default_factory=dict)
-    sha256: str = ""
-
-    @property
-    def size_bytes(self) -> int:
-        return size_bytes(self.path)
-
-
-# ------------------------------------------------------------------------------------------ artifact resolving
-
-
-def _from_manifest(manifest_path: Path, overlap: int | None, skipped: list[str]) -> list[Artifact]:
-    m = read_json(manifest_path)
-    if m.get("kind") != "convert":
-        raise BadInput(f"{manifest_path}: not a convert manifest (kind {m.get('kind')!r})")
-    entries = m.get("artifacts")
-    if not isinstance(entries, list):
-        raise BadInput(f"{manifest_path}: 'artifacts' must be a list")
-    tile = m.get("tile") or {}
-    io = m.get("io") or {}
-    found = []
-    for entry in entries:
-        if not isinstance(entry, dict) or "file" not in entry:
-            raise BadInput(f"{manifest_path}: each artifact needs a 'file', got {entry!r}")
-        fmt = entry.get("format")
-        if fmt != "tflite":
-            note = "Core ML cannot run on Linux" if fmt == "coreml" else f"format {fmt!r} is not benchable here"
-            skipped.append(f"{entry['file']} ({m.get('model')}): skipped, {note}")
-            log.info("skipping %s: %s", entry["file"], note)
-            continue
-        path = manifest_path.parent / entry["file"]
-        if not isinstance(entry.get("runtime_requirements", {}), dict):
-            raise BadInput(f"{manifest_path}: {entry['file']}: 'runtime_requirements' must be an object")
-        if not path.is_file():
-            raise BadInput(f"{path}: listed in {manifest_path} but missing")
-        if "sha256" in entry and entry["sha256"] != sha256(path):
-            raise BadInput(f"{path}: sha256 differs from {manifest_path}; the file changed after conversion")
-        found.append(
-            Artifact(
-                path=path,
-                model=str(m.get("model") or path.stem),
-                encoding=str(entry.get("encoding", "unknown")),
-                precision=str(entry.get("precision", "unknown")),
-                scale=m.get("scale"),
-                tile=[tile["height"], tile["width"]] if "height" in tile and "width" in tile else None,
-                overlap=overlap if overlap is not None else int(tile.get("overlap", DEFAULT_OVERLAP)),
-                io=io,
-                source=m.get("source") or {},
-                manifest=manifest_path,
-                runtime_requirements=dict(entry.get("runtime_requirements") or {}),
-            )
-        )
-    return found
-
-
-def resolve_artifacts(paths: tuple[Path, ...], overlap: int | None) -> tuple[list[Artifact], list[str]]:
-    """The .tflite artifacts behind the command-line paths, and notes on what was skipped."""
-    artifacts: list[Artifact] = []
-    skipped: list[str] = []
-    for p in paths:
-        p = Path(p)
-        if p.suffix == ".mlpackage":
-            skipped.append(f"{p.name}: skipped, Core ML cannot run on Linux")
-            log.info("skipping %s: Core ML cannot run on Linux", p)
-        elif p.is_dir():
-            if not (p / MANIFEST_NAME).is_file():
-                raise BadInput(f"{p}: folder has no {MANIFEST_NAME}; pass a convert output folder or .tflite files")
-            artifacts += _from_manifest(p / MANIFEST_NAME, overlap, skipped)
-        elif not p.exists():
-            raise BadInput(f"{p}: no such model file or folder")
-        elif p.suffix == ".json":
-            artifacts += _from_manifest(p, overlap, skipped)
-        elif p.suffix == ".tflite":
-            artifacts.append(Artifact(path=p, model=p.stem, overlap=DEFAULT_OVERLAP if overlap is None else overlap))
-            log.info("%s: bare .tflite, model name '%s', overlap %d LR px", p, p.stem, artifacts[-1].overlap)
-        else:
-            raise BadInput(f"{p}: not a .tflite file, a convert output folder or a convert manifest.json")
-    if not artifacts:
-        raise BadInput("nothing to bench: no TFLite artifacts among " + ", ".join(str(p) for p in paths))
-    seen: dict[str, int] = {}
-    for a in artifacts:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{a.model}--{a.path.stem}")
-        seen[base] = seen.get(base, 0) + 1
-        a.key = base if seen[base] == 1 else f"{base}-{seen[base]}"
-    return artifacts, skipped
-
-
-def _check_description(a: Artifact, desc: dict[str, Any], target: str) -> None:
-    """A manifest (or another target's description) that disagrees with the file is an error."""
-    where = f"{a.path} (on {target})"
-    if a.tile is not None and list(a.tile) != desc["tile"]:
-        raise BadInput(f"{where}: manifest tile {a.tile} but the model's input is {desc['tile']}")
-    if a.scale is not None and a.scale != desc["scale"]:
-        raise BadInput(f"{where}: manifest scale {a.scale} but the model upscales x{desc['scale']}")
-    for key, tensors in (("input_shape", "inputs"), ("output_shape", "outputs")):
-        if key in a.io and list(a.io[key]) != desc[tensors][0]["shape"]:
-            raise BadInput(f"{where}: manifest {key} {a.io[key]} but the model has {desc[tensors][0]['shape']}")
-    if 2 * a.overlap >= min(desc["tile"]):
-        raise BadInput(f"{where}: overlap {a.overlap} leaves no interior in a {desc['tile'][0]}x{desc['tile'][1]} tile")
-
-
-def _apply_description(a: Artifact, desc: dict[str, Any]) -> None:
-    a.tile, a.scale = list(desc["tile"]), int(desc["scale"])
-    if a.manifest is None:  # a bare file: its tensors say whether its weights are stored sparse
-        a.encoding = "sparse" if desc.get("sparse_tensors") else "dense"
-
-
-# ----------------------------------------------------------------------------------------------------- jobs
-
-
-def write_job(job_dir: Path, a: Artifact, pairs: list[SRPair], cfg: BenchConfig) -> None:
-    """A self-contained job folder: model, LR inputs (.npy float32 HxWx3 in [0, 1]) and job.json."""
-    if job_dir.exists():
-        shutil.rmtree(job_dir)
-    (job_dir / "inputs").mkdir(parents=True)
-    shutil.copyfile(a.path, job_dir / "model.tflite")
-    for p in pairs:
-        np.save(job_dir / "inputs" / f"{p.name}.npy", to_float(p.lr))
-    job = {
-        "runner_version": 1,
-        "model": "model.tflite",
-        "inputs": [{"name": p.name, "path": f"inputs/{p.name}.npy"} for p in pairs],
-        "out_dir": "out",
-        "tile": a.tile,
-        "overlap": a.overlap,
-        "scale": a.scale,
-        "threads": cfg.threads,
-        "warmup": cfg.warmup,
-        "runs": cfg.runs,
-        "runtime": cfg.runtime,
-        "runtime_requirements": a.runtime_requirements,
-    }
-    write_json(job_dir / "job.json", job)
-
-
-def score_outputs(result: dict[str, Any], out_dir: Path, pairs: list[SRPair], scale: int) -> dict[str, Any]:
-    """Per-image Y-PSNR/SSIM (plus the runner's timing) of the SR .npy files the runner wrote."""
-    by_name = {img["name"]: img for img in result["images"]}
-    per_image = {}
-    for p in pairs:
-        if p.name not in by_name:
-            raise TargetFailed(f"runner result lacks image {p.name}")
-        path = out_dir / by_name[p.name]["output"]
-        try:
-            sr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise TargetFailed(f"{path}: unreadable SR output ({exc})") from None
-        if sr.shape != p.hr.shape:
-            raise TargetFailed(f"{path}: SR output {sr.shape} but the HR image is {p.hr.shape}")
-        img = by_name[p.name]
-        per_image[p.name] = {
-            **sr_scores(quantize_uint8(sr), p.hr, scale),
-            "ms": img["ms"],
-            "tiles": img["tiles"],
-            "padded": img["padded"],
-        }
-    return per_image
-
-
-def make_row(
-    a: Artifact,
-    target: Target,
-    result: dict[str, Any],
-    per_image: dict[str, Any],
-    test_set: str,
-    degradation: str = "pillow",
-) -> dict:
-    mean = mean_scores([{k: s[k] for k in ("psnr_y_db", "ssim_y")} for s in per_image.values()])
-    torch_psnr = a.source.get("psnr_y_db")
-    same_set = torch_psnr is not None and str(a.source.get("test_set")) == str(test_set)
-    if same_set:  # same images only if the LR was made the same way (a source without "degradation" used Pillow)
-        source_degradation = str(a.source.get("degradation") or "pillow")
-        same_set = source_degradation in DEGRADATIONS and lr_degradation(
-            test_set, a.scale, source_degradation
-        ) == lr_degradation(test_set, a.scale, degradation)
-    lat = result["latency_ms"]
-    memory = result.get("memory") or {}  # engines other than the runner may measure fewer phases
-    delegate = result.get("delegate") or {}
-    return {
-        "model": a.model,
-        "format": a.format,
-        "encoding": a.encoding,
-        "precision": a.precision,
-        "artifact": a.path.name,
-        "artifact_path": str(a.path),
-        "sha256": a.sha256 or sha256(a.path),
-        "target": target.name,
-        "emulated": target.emulated,
-        "size_bytes": a.size_bytes,
-        "peak_rss_mb": result["peak_rss_mb"],
-        "rss_after_import_mb": (memory.get("baseline") or {}).get("hwm_mb"),
-        "latency_ms_median": lat["median"],
-        "latency_ms_p90": lat["p90"],
-        "latency_ms_mean": lat["mean"],
-        "latency_ms_min": lat["min"],
-        "load_ms": result["load_ms"],
-        "first_inference_ms": result["first_inference_ms"],
-        "image_ms_mean": float(np.mean([s["ms"] for s in per_image.values()])),
-        "psnr_y_db": mean["psnr_y_db"],
-        "ssim_y": mean["ssim_y"],
-        "per_image": per_image,
-        "torch_psnr_y_db": torch_psnr,
-        "torch_test_set": a.source.get("test_set"),
-        "psnr_delta_vs_torch_db": mean["psnr_y_db"] - torch_psnr if same_set else None,
-        "scale": a.scale,
-        "tile": result["tile"],
-        "overlap": result["overlap"],
-        "threads": result["threads"],
-        "warmup": result["warmup"],
-        "runs": result["runs"],
-        "runtime": {"name": result["runtime"]["name"], "version": result["runtime"]["version"]},
-        "delegate": delegate.get("name", "unknown"),
-        "runtime_requirements": a.runtime_requirements,
-        "padded_images": [name for name, s in per_image.items() if s["padded"]],
-        "latency_samples_ms": lat["samples"],
-        "memory": memory,
-    }
-
-
-def _environment(target: Target, result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("runtime", "python", "platform", "machine", "cpu_count", "numpy")
-    return {**target.info(), **{k: result.get(k) for k in keys}}
-
-
-def _save_images(folder: Path, out_dir: Path, result: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for img in result["images"]:
-        save_png(folder / f"{img['name']}.png", quantize_uint8(np.load(out_dir / img["output"])))
-
-
-# ---------------------------------------------------------------------------------------- results and resume
-
-
-def test_set_fingerprint(pairs: list[SRPair]) -> str:
-    """sha256 of the test images as measured (names, HR and LR pixels): a changed image is a new measurement."""
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(p.name.encode() + b"\0" + str(p.hr.shape).encode() + p.hr.tobytes() + p.lr.tobytes())
-    return h.hexdigest()
-
-
-def measurement_key(target: Target, a: Artifact, cfg: BenchConfig, test_set_sha: str) -> dict[str, Any]:
-    """What makes two measurements the same: the target, the file and every setting that changes the numbers."""
-    return {
-        "target": target.name,
-        "artifact_sha256": a.sha256,
-        "threads": cfg.threads,
-        "warmup": cfg.warmup,
-        "runs": cfg.runs,
-        "tile": a.tile,
-        "overlap": a.overlap,
-        "test_set": {"name": str(cfg.test_set), "sha256": test_set_sha},
-        "runtime": str(getattr(target, "runtime", None) or cfg.runtime),
-        "runtime_requirements": a.runtime_requirements,
-    }
-
-
-def _key_id(key: dict[str, Any]) -> str:
-    return json.dumps(key, sort_keys=True)
-
-
-class ResultsLog:
-    """`<out>/results.jsonl`: one JSON line {key, row, environment, finished} per finished measurement, appended
-    under a lock and flushed + fsynced as it arrives. A line cut short by a crash is skipped when read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def read(self) -> dict[str, dict[str, Any]]:
-        """The recorded measurements by key (a later line for the same key wins)."""
-        records: dict[str, dict[str, Any]] = {}
-        if not self.path.is_file():
-            return records
-        for n, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                records[_key_id(record["key"])] = record
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s:%d: unreadable line skipped (cut short by an interrupted run?)", self.path, n)
-        return records
-
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=str) + "\n"
-        with self._lock, open(self.path, "a+b") as fh:
-            if fh.tell() > 0:  # "a+" starts at the end: complete a line an interrupted run left unterminated
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    fh.write(b"\n")
-            fh.write(line.encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-# --------------------------------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -430,6 +126,8 @@ class TargetOutcome:
 
     target: Target
     todo: list[Artifact]
+    workload: Workload = field(default_factory=Workload)
+    artifacts: list[Artifact] = field(default_factory=list)  # what this target measures (todo or resumed)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # artifact key -> row, new in this run
     environment: dict[str, Any] | None = None
     failure: str | None = None
@@ -491,6 +189,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     budgets = budgets_mod.load_budgets(cfg.budgets)
     artifacts, skipped = resolve_artifacts(cfg.artifacts, cfg.overlap)
     targets = make_targets(list(cfg.targets), cfg.device_python, cfg.timeout_s, cfg.runtime, cfg.targets_file)
+    workloads = {t.name: budgets.workload_for(t.name, cfg.frame, cfg.tiles) for t in targets}
+    if all(a.tile is not None for a in artifacts):  # every tile known from manifests: check before any target
+        for name, wl in workloads.items():
+            for_workload(artifacts, wl, name)
     results = ResultsLog(cfg.out / RESULTS_NAME)
     prior = {} if cfg.fresh else results.read()
     for a in artifacts:
@@ -513,20 +215,24 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         test_set_for(scale)
 
     def key_of(target: Target, a: Artifact) -> dict[str, Any] | None:
-        return None if a.scale is None else measurement_key(target, a, cfg, fingerprints[a.scale])
+        if a.scale is None:
+            return None
+        return measurement_key(target, a, cfg, fingerprints[a.scale], workloads[target.name])
 
     resumed: dict[tuple[str, str], dict[str, Any]] = {}
     outcomes = []
     for target in targets:
+        sizes = workloads[target.name].tile_sizes()
+        candidates = [a for a in artifacts if sizes is None or a.tile is None or tuple(a.tile) in sizes]
         todo = []
-        for a in artifacts:
+        for a in candidates:
             key = key_of(target, a)
-            record = prior.get(_key_id(key)) if key is not None else None
+            record = prior.get(key_id(key)) if key is not None else None
             if record is not None:
                 resumed[(target.name, a.key)] = record
             else:
                 todo.append(a)
-        outcomes.append(TargetOutcome(target, todo))
+        outcomes.append(TargetOutcome(target, todo, workloads[target.name], candidates))
     if resumed:
         log.info("resuming: %d measurement(s) already in %s (--fresh reruns them)", len(resumed), results.path)
 
@@ -534,19 +240,24 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for o in outcomes:
         for a in o.todo:
             if a.key in descriptions.get(o.target.name, {}):
-                _check_description(a, descriptions[o.target.name][a.key], o.target.name)
+                check_description(a, descriptions[o.target.name][a.key], o.target.name)
     for o in outcomes:
         for a in o.todo:
             if a.key in descriptions.get(o.target.name, {}):
-                _apply_description(a, descriptions[o.target.name][a.key])
+                apply_description(a, descriptions[o.target.name][a.key])
+    for o in outcomes:  # every tile is known now: each target keeps the artifacts of its workload's tiles
+        if o.failure is None:
+            chosen = {a.key for a in for_workload([a for a in artifacts if a.tile], o.workload, o.target.name)}
+            o.todo = [a for a in o.todo if a.key in chosen]
+            o.artifacts = [a for a in o.artifacts if a.key in chosen]
     for a in artifacts:
         if a.scale is not None:
             test_set_for(a.scale)
 
     # Inputs are valid: from here on the out folder is ours to write.
     cfg.out.mkdir(parents=True, exist_ok=True)
-    for name in report_mod.REPORT_FILES:  # a stale report must not outlive this run
-        (cfg.out / name).unlink(missing_ok=True)
+    for stale in report_mod.stale_report_files(cfg.out):  # a stale report must not outlive this run
+        stale.unlink(missing_ok=True)
     if cfg.fresh:
         results.path.unlink(missing_ok=True)
 
@@ -576,7 +287,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     rows, environment, failed_targets = [], {}, []
     for o in outcomes:
-        for a in artifacts:
+        for a in o.artifacts:
             record = resumed.get((o.target.name, a.key))
             row = o.rows.get(a.key) or (record["row"] if record else None)
             if row is None:
@@ -598,6 +309,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "sha256": {str(s): fp for s, fp in fingerprints.items()},
         "lr": {str(s): lr_degradation(cfg.test_set, s, cfg.degradation) for s in pairs_by_scale},
         "protocol": "Y (BT.601), border = scale, SR quantized to 8 bit",
+        "bicubic": {str(s): bicubic_reference(pairs, s) for s, pairs in pairs_by_scale.items()},
     }
     report = report_mod.build_report(
         rows, environment, cfg.settings(), test_set, skipped, budgets.to_dict(), failed_targets=failed_targets
@@ -605,6 +317,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     report["results_file"] = RESULTS_NAME
     report_mod.write_report(cfg.out, report)
     return report
+
+
+def bicubic_reference(pairs: list[SRPair], scale: int) -> dict[str, float]:
+    """Bicubic upscaling of the same LR images, scored the same way: the floor every SR model must beat."""
+    return mean_scores([sr_scores(bicubic_upscale(p.lr, scale), p.hr, scale) for p in pairs])
 
 
 def _safe_info(target: Target) -> dict[str, Any]:
@@ -627,28 +344,45 @@ def _measure(
     """One (target, artifact) job: write it, run it, score it, append it to results.jsonl; the report row."""
     target = o.target
     job_dir = cfg.out / "jobs" / target.name / a.key
-    write_job(job_dir, a, pairs, cfg)
-    log.info("%s: running %s (%d images, tile %dx%d, overlap %d)", target.name, a.key, len(pairs), *a.tile, a.overlap)
+    write_job(job_dir, a, pairs, cfg, o.workload)
+    frame = format_size(o.workload.frame) if o.workload.frame else "the test images"
+    log.info(
+        "%s: running %s (frames: %s; tile %dx%d, overlap %d; %d test images)",
+        target.name,
+        a.key,
+        frame,
+        a.tile[1],
+        a.tile[0],
+        a.overlap,
+        len(pairs),
+    )
     result = target.run(job_dir)
     per_image = score_outputs(result, job_dir / "out", pairs, a.scale)
     row = make_row(a, target, result, per_image, cfg.test_set, cfg.degradation)
     row["job_dir"] = str(job_dir.relative_to(cfg.out))
+    row["workload"] = o.workload.to_dict()
     if o.environment is None:
-        o.environment = _environment(target, result)
-    key = measurement_key(target, a, cfg, test_set_sha)
+        o.environment = environment(target, result)
+    key = measurement_key(target, a, cfg, test_set_sha, o.workload)
     finished = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
-    results.append({"key": key, "row": row, "environment": o.environment, "finished": finished})
+    results.append(
+        {"key": key, "row": row, "environment": o.environment, "finished": finished, "provenance": provenance()}
+    )
     if cfg.save_images:
-        _save_images(cfg.out / "images" / target.name / a.key, job_dir / "out", result)
+        save_images(cfg.out / "images" / target.name / a.key, job_dir / "out", result)
     verdicts = budgets_mod.check(budgets, target.name, row)
     log.info(
-        "%s: %s: %.1f KB, peak RSS %.1f MB, tile latency %.2f ms (p90 %.2f), Y-PSNR %.3f dB%s",
+        "%s: %s: %.1f KB; frame %.1f ms median (p90 %.1f, %.2f fps, %s tiles of %.2f ms); peak RSS %.1f MB; "
+        "Y-PSNR %.3f dB%s",
         target.name,
-        a.path.name,
+        a.key,
         row["size_bytes"] / 1024,
-        row["peak_rss_mb"],
+        row["frame_ms_median"],
+        row["frame_ms_p90"],
+        row["fps"],
+        row["tiles_per_frame"],
         row["latency_ms_median"],
-        row["latency_ms_p90"],
+        row["peak_rss_mb"],
         row["psnr_y_db"],
         "" if all(v["pass"] for v in verdicts.values()) else "  BUDGET FAILED",
     )

@@ -3,12 +3,19 @@
   python -m device_bench bench runs/convert --out runs/bench --budgets device_bench/budgets.example.yaml
   python -m device_bench bench model.tflite --out runs/bench --overlap 14 --test-set path/to/hr_images
   python -m device_bench bench runs/convert --out runs/bench --test-set path/to/Set5 --degradation matlab
+  python -m device_bench bench runs/sweep --frame 960x540 --tile 128,256,frame --out runs/sweep-bench
   python -m device_bench report runs/bench                      # re-render report.md + plot from report.json
   python -m device_bench report runs/bench --budgets other.yaml # re-check the measured rows against new budgets
 
-ARTIFACT is a convert output folder (its manifest.json lists the artifacts), a convert manifest.json, or a bare
-.tflite file (scale and tile are read from the model's shapes; the model name is the file stem). Core ML
-artifacts are skipped: they cannot run on Linux.
+ARTIFACT is a convert output folder (its manifest.json lists the artifacts, or one tile-*/ subfolder per tile
+from `convert --tile 128,256,...`), a convert manifest.json, or a bare .tflite file (scale and tile are read
+from the model's shapes; the model name is the file stem). Core ML artifacts are skipped: they cannot run on Linux.
+
+The workload: --frame WxH is the LR frame an app feeds the model (default: the test images as they are); --tile
+picks the artifacts converted for those tile sides (a list is a tile sweep; `frame`: the model takes the whole
+frame). Both default to the budgets file's `workload` (per target). The runner processes whole frames as an app
+would (tile, invoke, stitch) for at least --runs frames and --min-seconds, and reports per-frame latency (median,
+p90), frames per second and peak memory at the workload, beside the per-tile invoke figures.
 
 The local target runs device_bench/runner.py in a separate process with the device Python (only a TFLite runtime
 and numpy): --device-python, else $EDGESR_DEVICE_PYTHON, else <repo>/.venv-device/bin/python.
@@ -18,8 +25,9 @@ own thread; a target that fails (unreachable, killed, timed out, dropped) is rep
 others finish. Every finished measurement is appended to <out>/results.jsonl as it arrives; re-running the same
 command resumes from it (skips measurements with the same target, artifact sha256 and settings) unless --fresh.
 
-Writes <out>/results.jsonl, <out>/report.json, <out>/report.md, three Pareto plots (psnr_vs_size.png,
-psnr_vs_peak_rss.png, psnr_vs_latency.png) and one job folder per (target, artifact) under <out>/jobs/.
+Writes <out>/results.jsonl, <out>/report.json, <out>/report.md, Pareto plots of Y-PSNR against size, peak
+memory and frame latency (one set per target when their budgets differ), a tile-sweep plot when several tiles
+ran, and one job folder per (target, artifact) under <out>/jobs/.
 Exit codes: 0 all budgets pass; 1 a budget fails; 2 bad usage or input; 3 a target failed (the report is still
 written, listing the failed target and its reason).
 """
@@ -31,7 +39,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from device_bench.bench import DEFAULT_OVERLAP, BenchConfig, run_bench
+from device_bench.artifacts import DEFAULT_OVERLAP
+from device_bench.bench import BenchConfig, run_bench
 from device_bench.report import render
 from device_bench.runner import RUNTIMES
 from device_bench.targets import DEVICE_PYTHON_ENV, TARGET_KINDS
@@ -76,9 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{k}: {v}" for k, v in DEGRADATION_INFO.items())
         + " (default pillow; DIV2K and BasicSR folders use the LR files they ship)",
     )
+    b.add_argument(
+        "--frame",
+        metavar="WxH",
+        help="LR frame size of the workload, e.g. 960x540 (default: the "
+        "budgets file's workload, else the test images as they are)",
+    )
+    b.add_argument(
+        "--tile",
+        dest="tiles",
+        metavar="N[,N|frame...]",
+        help="tile side(s) in LR px, or frame; a list "
+        "is a tile sweep (default: the budgets file's workload, else every artifact at its own tile)",
+    )
+    b.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="the frame loop runs at least this long "
+        "(and at least --runs frames), as benchmark_model's --min_secs (default 1)",
+    )
     b.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1; -1: runtime default)")
     b.add_argument("--warmup", type=int, default=3, help="untimed invokes before timing (default 3)")
-    b.add_argument("--runs", type=int, default=20, help="timed invokes of one tile (default 20)")
+    b.add_argument(
+        "--runs", type=int, default=20, help="timed invokes of one tile, and at least as many timed frames (default 20)"
+    )
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per runner call before it fails (600)")
     b.add_argument("--device-python", type=Path, help=f"device Python for the local target (or ${DEVICE_PYTHON_ENV})")
     b.add_argument(
@@ -130,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime=args.runtime,
         save_images=args.save_images,
         fresh=args.fresh,
+        frame=args.frame,
+        tiles=args.tiles,
+        min_seconds=args.min_seconds,
     )
     report = run_bench(cfg)
     log.info("wrote %s: %s", args.out / "report.md", "all budgets pass" if report["passed"] else "FAIL")

@@ -10,9 +10,11 @@ A job is files only (so a local subprocess, ssh and adb all work the same way):
   job.json  {"runner_version": 1, "model": "model.tflite",
              "inputs": [{"name": "kodim23", "path": "inputs/kodim23.npy"}], "out_dir": "out",
              "tile": [64, 64], "overlap": 14, "scale": 2, "threads": 1, "warmup": 3, "runs": 20, "runtime": "auto",
-             "runtime_requirements": {"xnnpack": false}, "memory_phases": "auto"}   (the last two optional)
-  Relative paths are relative to the folder holding job.json. Inputs are LR images, float32 HxWx3 in [0, 1].
-  The runner writes <out_dir>/<name>.npy (float32 HxWx3, the model's unclipped output) and <out_dir>/result.json.
+             "runtime_requirements": {"xnnpack": false}, "memory_phases": "auto",
+             "frames": [{"name": "frame", "path": "inputs/frame.npy"}], "min_seconds": 1.0}   (the last four optional)
+  Relative paths are relative to the folder holding job.json. Inputs and frames are LR images, float32 HxWx3 in
+  [0, 1]. The runner writes <out_dir>/<name>.npy (float32 HxWx3, the model's unclipped output) for each input and
+  <out_dir>/result.json. `frames` (default: the inputs) are the workload: what an app would feed the model.
 
 Models have a fixed input size (the tile). An image is cut into tiles that overlap by `overlap` LR pixels on each
 side; each tile contributes only its interior (the outer `overlap` pixels are discarded, except at the image
@@ -22,17 +24,24 @@ edge replication and the output cropped back; the result says so ("padded": true
 whole-image inference.
 
 Timing: `load_ms` = Interpreter construction + allocate_tensors; `first_inference_ms` = the first invoke (one tile);
-then `warmup` untimed and `runs` timed invokes of that same tile give the latency samples; finally every image is
-run through the tiler and timed as a whole (tile copies and stitching included).
+then `warmup` untimed and `runs` timed invokes of that same tile give the per-tile latency samples (`latency_ms`).
+Then the frame loop, the workload as an app runs it: whole frames are cut into tiles, invoked and stitched, one
+after the other (the frames cycled), until at least `runs` frames and at least `min_seconds` of frame time have
+been timed (as benchmark_model's --min_secs). Each frame's time covers tiling, copies, invokes and stitching
+(`frame.ms`); the invokes alone are summed per frame (`frame.invoke_ms`), so the difference is the stitching cost.
+`frame.fps` = frames / their summed time. Loading a frame from disk is not timed. Finally every input image is run
+through the tiler once, timed as a whole, and its output written for scoring (the quality pass).
 
 Memory, per phase, from /proc/self/status: VmHWM (peak resident set), VmRSS, RssAnon (anonymous: heap, arena,
 packed/densified weights) and RssFile (file-backed: the mmap'd model pages touched, shared libraries). Phases:
-`load` (Interpreter + allocate_tensors), `first_inference`, `steady` (the warm-up and timed invokes), plus
-`baseline` (interpreter start + imports) and `images` (the whole images through the tiler). Where the kernel allows
+`load` (Interpreter + allocate_tensors), `first_inference`, `steady` (the warm-up and timed invokes), `frames`
+(the frame loop), plus `baseline` (interpreter start + imports) and `images` (the quality pass). Where the kernel allows
 it (Linux >= 4.0), writing "5" to /proc/self/clear_refs resets VmHWM to VmRSS at the start of each phase, so a
 phase's `hwm_mb` is that phase's own peak; the runner checks that the reset really works before relying on it.
 Elsewhere each phase is measured in its own process that stops at the end of that phase ("process per phase"): its
-`hwm_mb` is then the peak from process start through that phase. `peak_rss_mb` is always the whole run's peak.
+`hwm_mb` is then the peak from process start through that phase. `peak_rss_mb` is the peak from process start
+through the frame loop (the workload's peak; the quality pass is left out, as its images are not the workload);
+`run_peak_rss_mb` is the whole run's peak, quality pass included.
 The job field `memory_phases` ("auto", "clear_refs", "process") forces a method.
 
 Delegates: the runtime's default op resolver applies XNNPACK on CPU. A job with `runtime_requirements:
@@ -69,6 +78,7 @@ RUNTIMES = {
 EXIT_FAILED, EXIT_INVALID, EXIT_NO_RUNTIME = 1, 2, 3
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _MEMORY_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem", "VmSwap")
+MAX_MIN_SECONDS = 3600.0  # a frame loop never runs longer than this, whatever the job asks
 
 
 class RunnerError(Exception):
@@ -159,9 +169,9 @@ class PhaseMeter:
         self.phases[phase] = _phase_figures(memory_snapshot())
         return self.phases[phase]
 
-    def peak(self) -> float | None:
-        """The whole run's peak: the largest phase peak (the phases cover the run back to back)."""
-        peaks = [p["hwm_mb"] for p in self.phases.values() if p["hwm_mb"] is not None]
+    def peak(self, leave_out: tuple[str, ...] = ()) -> float | None:
+        """The largest phase peak (the phases cover the run back to back), without the phases in `leave_out`."""
+        peaks = [p["hwm_mb"] for k, p in self.phases.items() if p["hwm_mb"] is not None and k not in leave_out]
         return max(peaks) if peaks else None
 
 
@@ -348,10 +358,13 @@ class TiledModel:
         self.tile_h, self.tile_w = io["tile"]
         self.scale = io["scale"]
         self.input_index, self.output_index = io["input_index"], io["output_index"]
+        self.invoke_ns = 0  # time spent in interp.invoke() since the caller last zeroed it
 
     def invoke(self, tile: np.ndarray) -> np.ndarray:
         self.interp.set_tensor(self.input_index, np.ascontiguousarray(tile[None], dtype=np.float32))
+        t0 = time.perf_counter_ns()
         self.interp.invoke()
+        self.invoke_ns += time.perf_counter_ns() - t0
         return self.interp.get_tensor(self.output_index)[0]
 
     def upscale(self, lr: np.ndarray) -> tuple[np.ndarray, int, bool]:
@@ -398,17 +411,20 @@ def read_job(path: Path) -> dict[str, Any]:
     if job.get("runner_version", RUNNER_VERSION) != RUNNER_VERSION:
         raise invalid("bad-job", f"{path}: job for runner version {job['runner_version']}, this is {RUNNER_VERSION}")
     base = path.parent
-    inputs = job.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise invalid("bad-job", f"{path}: 'inputs' must be a non-empty list")
-    for item in inputs:
-        if not isinstance(item, dict) or not _NAME.match(str(item.get("name", ""))) or "path" not in item:
-            raise invalid("bad-job", f"{path}: each input needs a plain 'name' and a 'path', got {item!r}")
+    inputs = _image_list(job, "inputs", path)
+    frames = _image_list(job, "frames", path) if "frames" in job else inputs
+    min_seconds = job.get("min_seconds", 0.0)
+    if isinstance(min_seconds, bool) or not isinstance(min_seconds, (int, float)):
+        raise invalid("bad-job", f"{path}: 'min_seconds' must be a number, got {min_seconds!r}")
+    if not 0 <= min_seconds <= MAX_MIN_SECONDS:
+        raise invalid("bad-job", f"{path}: 'min_seconds' must be 0..{MAX_MIN_SECONDS:g}, got {min_seconds!r}")
     if "model" not in job or "out_dir" not in job:
         raise invalid("bad-job", f"{path}: 'model' and 'out_dir' are required")
     return {
         "model": base / job["model"],
         "inputs": [(item["name"], base / item["path"]) for item in inputs],
+        "frames": [(item["name"], base / item["path"]) for item in frames],
+        "min_seconds": float(min_seconds),
         "out_dir": base / job["out_dir"],
         "tile": job.get("tile"),
         "overlap": _int(job, "overlap", 16),
@@ -420,6 +436,16 @@ def read_job(path: Path) -> dict[str, Any]:
         "xnnpack": _xnnpack_allowed(job, path),
         "memory_phases": _memory_phases(job, path),
     }
+
+
+def _image_list(job: dict[str, Any], key: str, path: Path) -> list[dict[str, Any]]:
+    items = job.get(key)
+    if not isinstance(items, list) or not items:
+        raise invalid("bad-job", f"{path}: {key!r} must be a non-empty list")
+    for item in items:
+        if not isinstance(item, dict) or not _NAME.match(str(item.get("name", ""))) or "path" not in item:
+            raise invalid("bad-job", f"{path}: each of {key!r} needs a plain 'name' and a 'path', got {item!r}")
+    return items
 
 
 def _xnnpack_allowed(job: dict[str, Any], path: Path) -> bool:
@@ -455,6 +481,32 @@ def latency_stats(samples_ms: list[float]) -> dict[str, Any]:
         "min": float(a.min()),
         "max": float(a.max()),
         "samples": [round(float(v), 4) for v in a],
+    }
+
+
+def run_frames(model: TiledModel, frames: list[tuple[str, Path]], runs: int, min_seconds: float) -> dict[str, Any]:
+    """The frame loop: whole frames tiled, invoked and stitched, until >= `runs` frames and >= `min_seconds` of
+    frame time. Frames are loaded (untimed) one at a time, so the loop holds one frame's buffers, as an app does."""
+    frame_ms, invoke_ms, shapes, tiles_per_frame, padded = [], [], {}, {}, False
+    while len(frame_ms) < runs or sum(frame_ms) < min_seconds * 1000:
+        name, path = frames[len(frame_ms) % len(frames)]
+        lr = load_lr(name, path)
+        model.invoke_ns = 0
+        t0 = time.perf_counter_ns()
+        sr, tiles, was_padded = model.upscale(lr)
+        frame_ms.append(_ms(t0))
+        invoke_ms.append(model.invoke_ns / 1e6)
+        shapes[name], tiles_per_frame[name] = list(lr.shape[:2]), tiles
+        padded = padded or was_padded
+        del lr, sr
+    return {
+        "frames": [{"name": n, "lr_shape": shapes[n], "tiles": tiles_per_frame[n]} for n in shapes],
+        "frames_run": len(frame_ms),
+        "min_seconds": min_seconds,
+        "padded": padded,
+        "ms": latency_stats(frame_ms),
+        "invoke_ms": latency_stats(invoke_ms),
+        "fps": len(frame_ms) / (sum(frame_ms) / 1000),
     }
 
 
@@ -510,6 +562,10 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
         return meter.phases["steady"]
 
     meter.start()
+    frame = run_frames(model, job["frames"], job["runs"], job["min_seconds"])
+    meter.end("frames")
+
+    meter.start()
     out_dir = job["out_dir"]
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
@@ -532,7 +588,7 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
         )
         del lr, sr
     meter.end("images")
-    peak = meter.peak()
+    peak, run_peak = meter.peak(leave_out=("images",)), meter.peak()
     if method == "process":
         # This process ran every phase without resets, so its phase figures are cumulative; the load and first
         # inference figures come from processes that stopped at those phases' ends (this one is the steady one).
@@ -542,6 +598,7 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
         "load": meter.phases["load"],
         "first_inference": meter.phases["first_inference"],
         "steady": meter.phases["steady"],
+        "frames": meter.phases["frames"],
         "baseline": meter.phases["baseline"],
         "images": meter.phases["images"],
         "method": MEMORY_METHODS[method],
@@ -570,10 +627,12 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
         "load_ms": round(load_ms, 4),
         "first_inference_ms": round(first_inference_ms, 4),
         "latency_ms": latency_stats(samples),
+        "frame": frame,
         "images": images,
         "outputs": [img["output"] for img in images],
         "memory": memory,
         "peak_rss_mb": peak,
+        "run_peak_rss_mb": run_peak,
         "wall_ms": round(_ms(t_start), 3),
     }
 
@@ -631,7 +690,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = run_job(job_path, args.runtime)  # a --runtime on the command line overrides the job's
         write_json_atomic(read_job(job_path)["out_dir"] / "result.json", result)
-        print(f"runner: {len(result['images'])} image(s), tile latency median {result['latency_ms']['median']:.3f} ms")
+        frame = result["frame"]
+        print(
+            f"runner: {len(result['images'])} image(s), tile latency median {result['latency_ms']['median']:.3f} ms, "
+            f"frame median {frame['ms']['median']:.1f} ms over {frame['frames_run']} frames"
+        )
         return 0
     except RunnerError as exc:
         print(f"runner error [{exc.kind}]: {_one_line(exc)}", file=sys.stderr)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 EXIT_OK = 0
@@ -43,8 +45,10 @@ class TargetFailed(EdgesrError):
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run a command's `main`, mapping edgesr errors to one line on stderr and their exit code."""
+    """Run a command's `main`, mapping edgesr errors to one line on stderr and their exit code. Python warnings
+    (the converters and their dependencies raise many) go to a log file, not the console (`warnings_log`)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    captured = capture_warnings()
     try:
         return main(argv)
     except EdgesrError as exc:
@@ -53,6 +57,46 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if captured is not None and captured.count:
+            logging.getLogger("edgesr").info("(%d library warning(s) logged to %s)", captured.count, captured.path)
+
+
+def warnings_log_path() -> Path:
+    """Where third-party warnings go: $EDGESR_LOG, else <cache>/logs/warnings.log (EDGESR_CACHE or ~/.cache/edgesr)."""
+    if os.environ.get("EDGESR_LOG"):
+        return Path(os.environ["EDGESR_LOG"])
+    cache = Path(os.environ.get("EDGESR_CACHE") or Path.home() / ".cache" / "edgesr")
+    return cache / "logs" / "warnings.log"
+
+
+class _CountingFileHandler(logging.FileHandler):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.path, self.count = path, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        super().emit(record)
+
+
+def capture_warnings() -> _CountingFileHandler | None:
+    """Send Python warnings (`warnings.warn`, through the `py.warnings` logger) to the warnings log, each with the
+    time and the command, and keep them off the console. None (warnings stay on the console) if it cannot be
+    opened."""
+    path = warnings_log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _CountingFileHandler(path)
+    except OSError:
+        return None
+    command = " ".join(Path(sys.argv[0]).parts[-2:]) if sys.argv and sys.argv[0] else "edgesr"
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {command}: %(message)s"))
+    logging.captureWarnings(True)
+    wlog = logging.getLogger("py.warnings")
+    wlog.handlers[:] = [handler]
+    wlog.propagate = False
+    return handler
 
 
 class ArgumentParser(argparse.ArgumentParser):

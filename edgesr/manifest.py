@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,7 +137,29 @@ def versions(*packages: str) -> dict[str, str]:
     return out
 
 
+@functools.cache
+def provenance() -> dict[str, Any]:
+    """Where a result comes from: the edgesr git commit and whether the tree had uncommitted changes (None outside
+    a git checkout), the host name and platform."""
+    repo = Path(__file__).resolve().parent.parent
+    commit = dirty = None
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            status = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": commit, "dirty": dirty, "host": platform.node(), "platform": platform.platform()}
+
+
 def new_manifest(kind: str, **fields: Any) -> dict[str, Any]:
-    """A manifest skeleton: kind, creation time, edgesr version, then the stage's own fields."""
+    """A manifest skeleton: kind, creation time, edgesr version and provenance, then the stage's own fields."""
     now = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
-    return {"kind": kind, "created": now, "edgesr_version": __version__, **fields}
+    return {"kind": kind, "created": now, "edgesr_version": __version__, "provenance": provenance(), **fields}

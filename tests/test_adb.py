@@ -28,7 +28,9 @@ from android_harness.adb import Adb, AdbError
 from android_harness.engine import TileRecorder
 from conftest import REPO, find_device_python, run_module
 from device_bench.adb_target import ADBTarget
-from device_bench.bench import Artifact, BenchConfig, score_outputs, write_job
+from device_bench.artifacts import Artifact
+from device_bench.bench import BenchConfig
+from device_bench.jobs import score_outputs, write_job
 from device_bench.targets import LocalTarget
 from edgesr.datasets import builtin_hr_images, load_test_set
 from edgesr.errors import BadInput, TargetFailed

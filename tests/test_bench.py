@@ -19,7 +19,7 @@ from edgesr.manifest import sha256
 from edgesr.metrics import mean_scores, sr_scores
 
 TILE, OVERLAP = 64, 14
-LOOSE = "defaults: {max_model_kb: 100000, max_peak_mb: 100000, max_latency_ms: 100000, min_psnr_db: 0}\n"
+LOOSE = "defaults: {max_model_kb: 100000, max_peak_mb: 100000, max_frame_ms: 100000, min_psnr_db: 0}\n"
 
 
 def cli(*args: object) -> subprocess.CompletedProcess:
@@ -28,7 +28,8 @@ def cli(*args: object) -> subprocess.CompletedProcess:
 
 def bench(*args: object, device: str | None = None) -> subprocess.CompletedProcess:
     """Quick settings first, so a test's own flags (later on the command line) override them."""
-    return cli("bench", "--device-python", device or find_device_python(), "--warmup", 1, "--runs", 3, *args)
+    quick = ("--warmup", 1, "--runs", 3, "--min-seconds", 0)
+    return cli("bench", "--device-python", device or find_device_python(), *quick, *args)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, needle: str) -> None:
@@ -125,6 +126,7 @@ def test_budget_failure_exits_1_and_report_says_which_and_by_how_much(failed_run
             "target": "local",
             "model": "edsr-tiny-x2-rand",
             "artifact": "dense.tflite",
+            "tile": [64, 64],
             "budget": "max_model_kb",
             "limit": 100.0,
             "value": pytest.approx(size_kb),
@@ -171,9 +173,9 @@ def test_row_fields_and_psnr_equal_torch_on_the_same_images(failed_run: tuple, e
 def test_report_md_has_table_legend_skips_and_plot(failed_run: tuple) -> None:
     out = failed_run[1]
     md = (out / "report.md").read_text()
-    assert "## Target `local` (real hardware)" in md and "| edsr-tiny-x2-rand | dense.tflite | tflite / dense |" in md
+    assert "## Target `local` (real hardware)" in md and "| edsr-tiny-x2-rand | dense.tflite | 64 |" in md
     assert "## Legend" in md
-    for phrase in ("VmHWM", "Python interpreter and numpy", "one tile (64x64", "after 1 warm-up", "1 thread(s)"):
+    for phrase in ("VmHWM", "Python interpreter and numpy", "at least 3 frames", "after 1 warm-up", "1 thread(s)"):
         assert phrase in md, phrase
     assert "ai_edge_litert 2.3.0" in md and "BT.601" in md and "border = scale" in md and "LR: pillow-bicubic" in md
     assert "DENSIFY" in md and "file size only" in md
@@ -181,26 +183,28 @@ def test_report_md_has_table_legend_skips_and_plot(failed_run: tuple) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["test_set"]["lr"] == {"2": "pillow-bicubic"} and report["settings"]["degradation"] == "pillow"
     assert report["plots"] == {
-        "psnr_vs_size": "psnr_vs_size.png",
-        "psnr_vs_peak_rss": "psnr_vs_peak_rss.png",
-        "psnr_vs_latency": "psnr_vs_latency.png",
+        "*": {
+            "Y-PSNR vs size": "psnr_vs_size.png",
+            "Y-PSNR vs peak memory": "psnr_vs_peak_rss.png",
+            "Y-PSNR vs frame latency": "psnr_vs_latency.png",
+        }
     }
     for png in PLOTS:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
     assert report["rows"][0]["pareto"] == {"psnr_vs_size": True, "psnr_vs_peak_rss": True, "psnr_vs_latency": True}
     # memory by phase, with a legend for every column; budget verdicts with signed margins
-    assert "### Memory by phase (MiB)" in md and "| load VmHWM | load RssAnon | load RssFile |" in md
-    for phrase in ("**VmHWM**", "**VmRSS**", "**RssAnon**", "**RssFile**", "mmap'd .tflite", "clear_refs"):
+    assert "### Memory by phase (MiB)" in md and "| model | artifact | tile | load VmHWM | load RssAnon |" in md
+    for phrase in ("**VmHWM**", "**RssAnon**", "**RssFile**", "mmap'd model", "clear_refs"):
         assert phrase in md, phrase
     assert "### Budget verdicts" in md and "| value − limit | % of limit |" in md
     size_kb = report["rows"][0]["size_bytes"] / 1024
-    assert f"| {size_kb - 100:+.2f} KB | {(size_kb - 100) / 100 * 100:+.1f}% | **FAIL** |" in md
+    assert f"| {size_kb - 100:+.2f} KB | {(size_kb - 100) / 100 * 100:+.1f} % | **FAIL** |" in md
     # the environment block: runtime and version, threads, delegate, tile, device facts
     for phrase in (
         "- runtime: ai_edge_litert 2.3.0",
         "- threads: 1",
         "- delegate: xnnpack",
-        "- tile size (LR px): 64x64",
+        "- workload: LR frames test images (2); tiles (LR px): 64 (overlap 14)",
     ):
         assert phrase in md, phrase
     assert sorted(p.name for p in (out / "images" / "local").rglob("*.png")) == ["kodim23.png", "monarch.png"]

@@ -175,7 +175,7 @@ def test_report_lists_failed_targets_emulated_timings_and_plots(failed_fleet: di
     md = (out / "report.md").read_text()
     assert "## Failed targets" in md and "- `dead`: target dead: device Python /nonexistent/python not found" in md
     assert "## Target `flaky` (emulated — timings not meaningful) — FAILED" in md
-    assert "latency median / p90 ms (emulated — timings not meaningful)" in md
+    assert "frame ms median / p90 (emulated — timings not meaningful)" in md
     assert "## Target `local` (real hardware)" in md and "## Target `dead` (real hardware) — FAILED" in md
     assert md.count("### Memory by phase (MiB)") == 2  # local and flaky measured something; dead did not
     assert report["environment"]["flaky"]["emulated"] is True

@@ -120,6 +120,40 @@ def test_result_fields(tiled_run: dict) -> None:
     assert all(img["ms"] > 0 for img in r["images"])
 
 
+def test_frame_loop_without_frames_cycles_the_inputs(tiled_run: dict) -> None:
+    """No `frames` in the job: the inputs are the frames, cycled for `runs` frames (min_seconds 0)."""
+    frame = tiled_run["result"]["frame"]
+    assert frame["frames_run"] == 5 and frame["min_seconds"] == 0
+    assert frame["frames"] == [
+        {"name": "monarch", "lr_shape": [100, 130], "tiles": 6},
+        {"name": "small", "lr_shape": [40, 50], "tiles": 1},
+    ]
+    assert frame["padded"]  # the small input is smaller than the tile
+    assert len(frame["ms"]["samples"]) == len(frame["invoke_ms"]["samples"]) == 5
+    for total, invoked in zip(frame["ms"]["samples"], frame["invoke_ms"]["samples"], strict=True):
+        assert 0 < invoked <= total  # a frame's invokes are part of its time
+    assert frame["fps"] == pytest.approx(5 / (sum(frame["ms"]["samples"]) / 1000), rel=1e-3)
+
+
+def test_frame_loop_runs_at_least_min_seconds(model: tuple[Path, object], tmp_path: Path) -> None:
+    """A 200x120 LR frame (3x5 tiles of 64 at overlap 14): the loop goes on past `runs` frames until min_seconds
+    of frame time, and every frame has the tile count tile_regions gives."""
+    frame = lr_crop("monarch", 0, 0, 240, 400)
+    job = make_job(tmp_path / "job", model[0], {"monarch": lr_crop("monarch", 80, 120, 200, 260)}, overlap=14)
+    np.save(tmp_path / "job" / "inputs" / "frame.npy", frame)
+    spec = json.loads(job.read_text())
+    job.write_text(
+        json.dumps({**spec, "runs": 2, "min_seconds": 0.5, "frames": [{"name": "f", "path": "inputs/frame.npy"}]})
+    )
+    assert run(["--job", str(job)], cwd=tmp_path).returncode == 0
+    r = json.loads((tmp_path / "job" / "out" / "result.json").read_text())
+    tiles = len(tile_regions(120, 64, 14)) * len(tile_regions(200, 64, 14))
+    assert r["frame"]["frames"] == [{"name": "f", "lr_shape": [120, 200], "tiles": tiles}] and tiles == 15
+    assert sum(r["frame"]["ms"]["samples"]) >= 500 and r["frame"]["frames_run"] >= 2
+    assert not r["frame"]["padded"]
+    assert [i["name"] for i in r["images"]] == ["monarch"]  # the quality pass still scores the inputs
+
+
 FIELDS = ("hwm_mb", "rss_mb", "rss_anon_mb", "rss_file_mb")
 
 
@@ -143,18 +177,25 @@ def kernel_resets_peak() -> bool:
     return proc.stdout.strip() == "True"
 
 
-def check_phases(memory: dict, peak: float, reset: bool) -> None:
-    for phase in (*PHASES, "baseline", "images"):
+WORKLOAD_PHASES = (*PHASES, "frames", "baseline")  # start through the frame loop; "images" is the quality pass
+
+
+def check_phases(result: dict, reset: bool) -> None:
+    memory, peak, run_peak = result["memory"], result["peak_rss_mb"], result["run_peak_rss_mb"]
+    for phase in (*WORKLOAD_PHASES, "images"):
         figures = memory[phase]
         assert set(figures) == set(FIELDS) and all(figures[f] > 0 for f in FIELDS), (phase, figures)
         assert figures["rss_mb"] <= figures["hwm_mb"] + 0.01  # current <= peak since the phase began
         assert figures["rss_anon_mb"] + figures["rss_file_mb"] <= figures["rss_mb"] + 0.01
-        assert figures["hwm_mb"] <= peak + 0.01  # no phase peaks above the whole run
-    assert peak == pytest.approx(max(memory[p]["hwm_mb"] for p in (*PHASES, "baseline", "images")), abs=0.01)
+        assert figures["hwm_mb"] <= run_peak + 0.01  # no phase peaks above the whole run
+    assert peak == pytest.approx(max(memory[p]["hwm_mb"] for p in WORKLOAD_PHASES), abs=0.01)
+    assert run_peak == pytest.approx(max(peak, memory["images"]["hwm_mb"]), abs=0.01)
     # by the first inference the model (arena, weights) costs anonymous memory above the interpreter's baseline
     assert memory["first_inference"]["rss_anon_mb"] > memory["baseline"]["rss_anon_mb"] + 1
     if not reset:  # peaks from process start: each phase's includes the ones before it
         assert memory["load"]["hwm_mb"] <= memory["first_inference"]["hwm_mb"] <= memory["steady"]["hwm_mb"] + 0.01
+        assert memory["steady"]["hwm_mb"] <= memory["frames"]["hwm_mb"] + 0.01
+        assert memory["frames"]["hwm_mb"] == pytest.approx(peak, abs=0.01)  # the frame loop ends the workload
     assert memory["source"].startswith("/proc/self/status VmHWM") and memory["unit"] == "MiB"
 
 
@@ -164,7 +205,7 @@ def test_memory_phases_with_the_peak_reset(tiled_run: dict, tmp_path: Path) -> N
     probe = run(["--check-peak-reset"], cwd=tmp_path)
     assert probe.returncode == 0 and probe.stdout.strip() == str(reset).lower()
     assert r["memory"]["method"] == ("clear_refs reset" if reset else "process per phase")
-    check_phases(r["memory"], r["peak_rss_mb"], reset)
+    check_phases(r, reset)
     if reset:  # a reset phase's peak is its own: the steady invokes peak below the images phase's buffers
         assert r["memory"]["hwm_scope"] == "phase"
         assert r["memory"]["steady"]["hwm_mb"] < r["memory"]["images"]["hwm_mb"]
@@ -189,7 +230,7 @@ def test_process_per_phase_without_xnnpack(model: tuple[Path, object], tiled_run
     r = json.loads((tmp_path / "job" / "out" / "result.json").read_text())
     assert r["memory"]["method"] == "process per phase"
     assert r["memory"]["hwm_scope"] == "process start through the phase"
-    check_phases(r["memory"], r["peak_rss_mb"], reset=False)
+    check_phases(r, reset=False)
     assert r["delegate"] == {
         "name": "none",
         "op_resolver": "BUILTIN_WITHOUT_DEFAULT_DELEGATES",
