@@ -31,6 +31,7 @@ OUT ?= runs/latest
 FORMATS ?= tflite,coreml
 PRECISION ?= fp32
 TILE ?= 128
+FRAME ?=
 ARTIFACTS ?= $(OUT)/convert
 BUDGETS ?=
 TARGETS ?= local
@@ -45,7 +46,7 @@ help: ## list the targets
 	@echo "edgesr make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
 	@echo "knobs: METHOD TARGET (=SPARSITY) PARAMS WEIGHT_SPARSITY STEPS COMPRESS_ARGS CKPT MODEL WEIGHTS FACTORY_ARGS"
-	@echo "       OUT FORMATS PRECISION TILE"
+	@echo "       OUT FORMATS PRECISION TILE (a side, a list or frame) FRAME (WxH)"
 	@echo "       ARTIFACTS BUDGETS TARGETS TARGETS_FILE TEST_SET"
 	@echo "       PYTEST_ARGS BENCH_ARGS (see README)"
 
@@ -78,16 +79,26 @@ $(DEVICE_VENV)/.ok:
 	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) ai-edge-litert==2.3.0 numpy==2.4.6
 	touch $@
 
-demo: setup ## prune the shipped x2 model to 80%, convert dense+sparse to TFLite and Core ML, bench locally, report
+DEMO_FRAME ?= 960x540
+DEMO_TILES ?= 128,256,frame
+demo: setup ## prune the shipped x2 model two ways, convert for a tile sweep at a 960x540 frame, bench locally, report
 	$(PY) -m compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --sparsity 0.8 --steps 1200 \
 		--out runs/demo/pruned
-	$(PY) -m convert --checkpoint checkpoints/edsr-tiny-x2/model.pt --formats tflite --tile $(TILE) \
-		--name edsr-tiny-x2 --out runs/demo/convert-unpruned
-	$(PY) -m convert --checkpoint runs/demo/pruned/model.pt --formats tflite,coreml --tile $(TILE) \
-		--name edsr-tiny-x2-pruned80 --out runs/demo/convert
-	$(PY) -m device_bench bench runs/demo/convert-unpruned runs/demo/convert --targets local \
-		--budgets configs/demo-budgets.yaml --out runs/demo
-	@echo "demo done: runs/demo/report.md, report.json, results.jsonl and psnr_vs_{size,peak_rss,latency}.png"
+	$(PY) -m compress prune --checkpoint checkpoints/edsr-tiny-x2/model.pt --method channel-l1 --params 0.5 \
+		--steps 600 --out runs/demo/pruned-channels
+	rm -rf runs/demo/convert runs/demo/convert-unpruned runs/demo/convert-channels runs/demo/convert-coreml
+	$(PY) -m convert --checkpoint checkpoints/edsr-tiny-x2/model.pt --formats tflite \
+		--tile $(DEMO_TILES) --frame $(DEMO_FRAME) --name edsr-tiny-x2 --out runs/demo/convert-unpruned
+	$(PY) -m convert --checkpoint runs/demo/pruned/model.pt --formats tflite \
+		--tile $(DEMO_TILES) --frame $(DEMO_FRAME) --name edsr-tiny-x2-sparse80 --out runs/demo/convert
+	$(PY) -m convert --checkpoint runs/demo/pruned-channels/model.pt --formats tflite \
+		--tile $(DEMO_TILES) --frame $(DEMO_FRAME) --name edsr-tiny-x2-channels50 --out runs/demo/convert-channels
+	$(PY) -m convert --checkpoint runs/demo/pruned/model.pt --formats coreml --tile $(TILE) \
+		--name edsr-tiny-x2-sparse80 --out runs/demo/convert-coreml
+	$(PY) -m device_bench bench runs/demo/convert-unpruned runs/demo/convert runs/demo/convert-channels \
+		--frame $(DEMO_FRAME) --tile $(DEMO_TILES) --targets local --runs 5 --budgets configs/demo-budgets.yaml \
+		--out runs/demo
+	@echo "demo done: runs/demo/report.md (tables, plots), report.json, results.jsonl; Core ML files in runs/demo/convert-coreml"
 
 test: setup system-tools ## run the default test suite (fast; excludes slow and vm tests)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -114,10 +125,11 @@ CONVERT_CKPT = $(if $(filter file,$(origin CKPT)),$(or $(wildcard $(OUT)/pruned/
 convert: setup ## convert CKPT (.pt or .pt2; default OUT/pruned/model.pt if it exists) to FORMATS x PRECISION, into OUT/convert
 	@mkdir -p $(OUT)
 	$(PY) -m convert $(if $(MODEL),$(MODEL_FLAGS),--checkpoint $(CONVERT_CKPT)) --formats $(FORMATS) --precision $(PRECISION) \
-		$(if $(filter file,$(origin TILE)),,--tile $(TILE)) --out $(OUT)/convert
+		$(if $(filter file,$(origin TILE)),,--tile $(TILE)) $(if $(FRAME),--frame $(FRAME),) --out $(OUT)/convert
 
 bench: setup ## bench ARTIFACTS on TARGETS against BUDGETS, report into OUT
 	$(PY) -m device_bench bench $(ARTIFACTS) --targets $(TARGETS) --test-set $(TEST_SET) \
+		$(if $(FRAME),--frame $(FRAME),) $(if $(filter file,$(origin TILE)),,--tile $(TILE)) \
 		$(if $(TARGETS_FILE),--targets-file $(TARGETS_FILE),) $(if $(BUDGETS),--budgets $(BUDGETS),) --out $(OUT)
 
 report: setup ## re-render OUT/report.md and the plot from OUT/report.json

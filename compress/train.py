@@ -1,4 +1,4 @@
-"""The training loop: L1 loss, Adam, warm-up + cosine learning rate, a pruner hook, resumable state, tqdm progress.
+"""The training loop: L1 loss, Adam, warm-up + cosine learning rate, a pruner hook, resumable state, progress.
 
 One loop serves dense training, fine-tuning and every pruning method: the pruner adds its penalty to the loss and
 acts after each optimiser step. With `distill` > 0 the target is partly the output of a teacher (the unpruned
@@ -28,7 +28,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from compress.checkpoint import torch_load
 from compress.data import PatchSampler
@@ -36,6 +35,7 @@ from compress.flags import option, require
 from compress.pruning.base import Pruner
 from edgesr.errors import BadInput, CheckFailed
 from edgesr.manifest import atomic_output
+from edgesr.progress import progress
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state.pt"
@@ -205,11 +205,11 @@ def train(
             torch.save(state, tmp)
 
     t0, loss_ema = time.time(), None
-    bar = tqdm(
+    bar = progress(
         range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
         desc=f"train[{pruner.name}]",
+        total=cfg.steps,
+        initial=start,
         unit="step",
         disable=rank > 0,
     )

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from convert import mil_exec
-from edgesr.manifest import atomic_output
-from edgesr.workload import Size, as_size, size_bytes
+from edgesr.manifest import atomic_output, size_bytes
+from edgesr.workload import Size, as_size
 
 log = logging.getLogger(__name__)
 

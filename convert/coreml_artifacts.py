@@ -39,7 +39,7 @@ from convert.weight_bound import bound_bytes
 from edgesr.errors import CheckFailed
 from edgesr.manifest import sha256, size_bytes
 from edgesr.metrics import psnr_float
-from edgesr.workload import Size
+from edgesr.workload import Size, as_size
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def coreml_artifacts(
     model: nn.Module,
     staging: Path,
     precision: str,
-    tile: Size,
+    tile: int | Size,
     sparse_min: float,
     x: np.ndarray,
     reference: np.ndarray,
@@ -310,7 +310,7 @@ def coreml_artifacts(
         bits = ", ".join(map(str, coreml.PALETTE_BITS[:-1])) + f" or {coreml.PALETTE_BITS[-1]}"
         reason = f"coremltools palettizes to {bits} bits only"
         return [], [{"format": "coreml", "precision": precision, "reason": reason}]
-    staging = Path(staging)
+    staging, tile = Path(staging), as_size(tile)
     built = _build(model, precision, tile, sparse_min)
     skipped = []
     if len(built) == 1:

@@ -33,6 +33,7 @@ from convert.receptive_field import local_receptive_field, tiling_overlap
 from convert.sparse_tflite import MIN_SPARSITY
 from edgesr.errors import BadInput
 from edgesr.manifest import MANIFEST_NAME, new_manifest, sha256, size_bytes, versions, write_json
+from edgesr.progress import progress
 from edgesr.workload import MAX_SIDE, Size, as_size, format_size
 
 log = logging.getLogger("convert")
@@ -230,7 +231,7 @@ def _builders(
 
         def tflite(precision: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             nonlocal calibration
-            if calibration is None:
+            if calibration is None and precision == "int8":  # only full-integer quantization calibrates
                 calibration = calibration_patches(tile, count=CALIBRATION_PATCHES, seed=0)
             return tflite_artifacts(model, staging, precision, tile, cfg.sparse_min, x, reference, calibration)
 
@@ -251,18 +252,20 @@ def _build_all(
     """Every format x precision into `staging`: (artifacts, skipped), format by format in FORMATS order."""
     artifacts: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    for fmt, (supported, build) in _builders(model, staging, cfg, tile, scale, x, reference).items():
-        for precision in cfg.precisions:
-            if precision not in supported:
-                reason = _NO_VARIANT.get((fmt, precision.rstrip("0123456789")), f"{fmt} has no {precision} variant")
-                skipped.append({"format": fmt, "precision": precision, "reason": reason})
-                log.info("%s %s: skipped, %s", fmt, precision, reason)
-                continue
-            built, not_built = build(precision)
-            artifacts += built
-            skipped += not_built
-            for s in not_built:
-                log.info("%s not written: %s", s.get("file", f"{fmt} {precision}"), s.get("reason"))
+    builders = _builders(model, staging, cfg, tile, scale, x, reference)
+    work = [(fmt, precision) for fmt in builders for precision in cfg.precisions]
+    for fmt, precision in progress(work, desc=f"convert {format_size(tile)}", unit="variant"):
+        supported, build = builders[fmt]
+        if precision not in supported:
+            reason = _NO_VARIANT.get((fmt, precision.rstrip("0123456789")), f"{fmt} has no {precision} variant")
+            skipped.append({"format": fmt, "precision": precision, "reason": reason})
+            log.info("%s %s: skipped, %s", fmt, precision, reason)
+            continue
+        built, not_built = build(precision)
+        artifacts += built
+        skipped += not_built
+        for s in not_built:
+            log.info("%s not written: %s", s.get("file", f"{fmt} {precision}"), s.get("reason"))
     for a in artifacts:
         _check_entry(a, staging)
     files = [a["file"] for a in artifacts]

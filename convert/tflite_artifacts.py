@@ -51,11 +51,11 @@ def tflite_artifacts(
     model: nn.Module,
     staging: Path,
     precision: str,
-    tile: Size,
+    tile: int | Size,
     sparse_min: float,
     x: np.ndarray,
     reference: np.ndarray,
-    calibration: np.ndarray,
+    calibration: np.ndarray | None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Build, verify and describe the dense and sparse .tflite of one precision in `staging`: (artifacts, skipped).
 

@@ -44,6 +44,7 @@ from edgesr.errors import BadInput, EdgesrError, TargetFailed
 from edgesr.images import bicubic_upscale, check_degradation
 from edgesr.manifest import provenance, sha256
 from edgesr.metrics import mean_scores, sr_scores
+from edgesr.progress import progress
 from edgesr.workload import Workload, format_size, parse_frame, parse_tiles
 
 log = logging.getLogger("device_bench")
@@ -261,12 +262,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.fresh:
         results.path.unlink(missing_ok=True)
 
-    def run_target(o: TargetOutcome) -> None:
+    def run_target(o: TargetOutcome, bar: Any) -> None:
         if o.failure is not None:
             return
         for i, a in enumerate(o.todo):
             try:
                 o.rows[a.key] = _measure(o, a, cfg, test_set_for(a.scale), fingerprints[a.scale], budgets, results)
+                bar.update()
             except (TargetFailed, BadInput) as exc:
                 reason = (
                     str(exc) if str(exc).startswith(f"target {o.target.name}") else f"target {o.target.name}: {exc}"
@@ -279,7 +281,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for o in outcomes:
         groups.setdefault(_device_of(o.target), []).append(o)
     t0 = time.monotonic()
-    _in_threads(groups, run_target)
+    bar = progress(None, desc="bench", total=sum(len(o.todo) for o in outcomes if o.failure is None), unit="run")
+    _in_threads(groups, lambda o: run_target(o, bar))
+    bar.close()
     for o in outcomes:
         if o.error is not None:
             raise o.error

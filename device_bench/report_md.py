@@ -328,7 +328,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# edgesr device bench",
         "",
         f"- created {report['created']}, {_provenance(report)}",
-        f"- test set `{Path(str(ts['name'])).name}` ({n_images} images, LR: {_lr_text(report)}): {ts['protocol']}",
+        f"- test set `{Path(str(ts['name'])).name}` ({n_images} image{'' if n_images == 1 else 's'}, "
+        f"LR: {_lr_text(report)}): {ts['protocol']}",
         f"- budgets: {report['budgets'].get('source') or 'none (everything passes)'}",
         f"- overall: **{verdict}**{' (' + ', '.join(why) + ')' if why else ''} (exit code {report['exit_code']})",
         "",

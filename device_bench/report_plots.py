@@ -17,8 +17,9 @@ from edgesr.manifest import atomic_output
 
 _TITLES = {"psnr_vs_size": "Y-PSNR vs size", "psnr_vs_peak_rss": "Y-PSNR vs peak memory"}
 _TITLES["psnr_vs_latency"] = "Y-PSNR vs frame latency"
-# Where a point's label goes, in turn, so that labels of nearby points do not sit on each other.
-_OFFSETS = ((6, 5, "left"), (6, -11, "left"), (-6, 5, "right"), (-6, -11, "right"))
+# Where a point's label goes (points, right of the point), in turn: labels of points at about the same Y-PSNR are
+# stacked at different heights so that they do not sit on each other.
+_OFFSETS = ((6, 5), (6, -11), (6, 17), (6, -23))
 
 
 def _limits(report: dict[str, Any], target: str) -> dict[str, float]:
@@ -51,11 +52,16 @@ def draw_plots(out: Path, report: dict[str, Any]) -> dict[str, dict[str, str]]:
     return drawn
 
 
-def _label(r: dict[str, Any], several_tiles: bool) -> str:
-    text = f"{r['model']} {r['encoding']}"
-    if r.get("precision") not in (None, "fp32", "unknown"):
-        text += f" {r['precision']}"
-    return f"{text} @{r['tile'][0]}" if several_tiles else text
+def _label(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The model, then only what tells its points apart: encoding, precision, tile."""
+    same_model = [x for x in rows if x["model"] == r["model"]]
+    text = r["model"]
+    for key in ("encoding", "precision"):
+        if len({x.get(key) for x in same_model}) > 1:
+            text += f" {r.get(key)}"
+    if len({tuple(x["tile"]) for x in same_model}) > 1:
+        text += f" @{_tick(r)}".replace("\n", " ")
+    return text
 
 
 def _pareto_plot(path: Path, report: dict[str, Any], plot: str, targets: list[str]) -> bool:
@@ -68,7 +74,6 @@ def _pareto_plot(path: Path, report: dict[str, Any], plot: str, targets: list[st
     fig = Figure(figsize=(7.2, 4.8), dpi=120)
     ax = fig.subplots()
     env = report.get("environment", {})
-    several_tiles = len({tuple(r["tile"]) for r in rows}) > 1
     n = 0
     for i, target in enumerate(targets):
         group = [r for r in rows if r["target"] == target]
@@ -87,11 +92,9 @@ def _pareto_plot(path: Path, report: dict[str, Any], plot: str, targets: list[st
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=color, lw=1, alpha=0.7)
         ax.scatter([p[0] for p in front], [p[1] for p in front], s=110, facecolors="none", edgecolors=color)
         for r, p in sorted(zip(group, pts, strict=True), key=lambda rp: (rp[1][2], rp[1][0])):
-            dx, dy, ha = _OFFSETS[n % len(_OFFSETS)]
+            dx, dy = _OFFSETS[n % len(_OFFSETS)]
             n += 1
-            ax.annotate(
-                _label(r, several_tiles), (p[0], p[2]), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=7
-            )
+            ax.annotate(_label(r, rows), (p[0], p[2]), textcoords="offset points", xytext=(dx, dy), fontsize=7)
     limits = _limits(report, targets[0]) if len(targets) == 1 else (report.get("budgets") or {}).get("defaults") or {}
     whose = targets[0] if len(targets) == 1 else "all targets"
     if "min_psnr_db" in limits:
@@ -110,6 +113,7 @@ def _pareto_plot(path: Path, report: dict[str, Any], plot: str, targets: list[st
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.margins(x=0.3, y=0.2)
+    ax.set_xlim(left=0)  # every cost is >= 0
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -140,7 +144,7 @@ def _sweep_plot(path: Path, rows: list[dict[str, Any]], target: str) -> bool:
         ticks = [_tick(r) for r in group]
         xs = list(range(len(group)))
         color = f"C{i % 10}"
-        label = f"{model} {Path(artifact).stem}"
+        label = f"{model} ({artifact})"
         mem_ax.plot(xs, [r["peak_rss_mb"] for r in group], "o-", color=color, label=label)
         lat_ax.plot(xs, [r["frame_ms_median"] for r in group], "o-", color=color, label=label)
         lat_ax.vlines(xs, [r["frame_ms_median"] for r in group], [r["frame_ms_p90"] for r in group], color=color)
