@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from convert import coreml, mil_exec, parity
+from convert import coreml, mil_exec, parity, verify
+from convert.verify import FP32_MAX_ABS_ERROR, Tolerance
 from convert.weight_bound import bound_bytes
 from edgesr.errors import CheckFailed
 from edgesr.manifest import sha256, size_bytes
-from edgesr.metrics import psnr_float
 from edgesr.workload import Size, as_size
 
 log = logging.getLogger(__name__)
@@ -48,21 +47,13 @@ COREML_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", *LUT_PRECISIONS)
 DEQUANTIZED_MAX_ABS = 1e-4
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """Worst accepted agreement with torch on the parity tile; None: not limited."""
-
-    max_abs_error: float | None = None
-    psnr_db_min: float | None = None
-
-
 # Set from measurement (32x32 monarch tile): the shipped edsr-tiny x2 checkpoint unpruned and pruned to 80 %,
 # edsr-tiny x3 random init pruned 50 %, rdn-tiny x2 random init pruned 90 %. Worst PSNR vs torch seen (all from the
 # unpruned checkpoint unless noted): fp16 71.2 dB (pruned), int8 61.6, lut8 65.9, lut6 53.3, lut4 38.1, lut3 32.6,
 # lut2 18.3, lut1 12.0. The limits sit well below, since deeper trained models lose more: they catch a broken file,
 # they do not promise quality (lut1 / lut2 are far from torch). fp32 is exact up to float rounding.
 TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_abs_error=1e-4),
+    "fp32": Tolerance(max_abs_error=FP32_MAX_ABS_ERROR),
     "fp16": Tolerance(psnr_db_min=50.0),
     "int8": Tolerance(psnr_db_min=40.0),
     "lut8": Tolerance(psnr_db_min=40.0),
@@ -124,26 +115,6 @@ def _has_sparse(mlmodel: Any) -> bool:
     )
 
 
-def _figures(output: np.ndarray, reference: np.ndarray) -> tuple[float, float | None]:
-    """Max abs error and PSNR (peak 1.0; None when identical: JSON has no infinity)."""
-    err = float(np.max(np.abs(output.astype(np.float64) - reference.astype(np.float64))))
-    psnr = psnr_float(output, reference, peak=1.0)
-    return err, (psnr if math.isfinite(psnr) else None)
-
-
-def _check_tolerance(name: str, err: float, psnr: float | None, tol: Tolerance) -> None:
-    if not math.isfinite(err) or (tol.max_abs_error is not None and not err <= tol.max_abs_error):
-        raise CheckFailed(
-            f"{name}: Core ML output differs from torch by up to {err:.3g} (limit {tol.max_abs_error:g}) "
-            f"on {parity.PARITY_IMAGE}"
-        )
-    if tol.psnr_db_min is not None and psnr is not None and not psnr >= tol.psnr_db_min:
-        raise CheckFailed(
-            f"{name}: Core ML output is {psnr:.1f} dB PSNR from torch's (limit {tol.psnr_db_min:g} dB) "
-            f"on {parity.PARITY_IMAGE}"
-        )
-
-
 def torch_with_weights(model: nn.Module, original: dict[str, np.ndarray], path: Path) -> tuple[nn.Module, int]:
     """A copy of `model` whose conv weights are the saved file's (dequantized) ones; returns (copy, convs replaced).
 
@@ -195,29 +166,17 @@ def _verify(
     x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     out_nchw = mil_exec.run_mlpackage(path, {coreml.INPUT_NAME: x_nchw})[coreml.OUTPUT_NAME]
     output = out_nchw.transpose(0, 2, 3, 1)
-    if output.shape != reference.shape:
-        raise CheckFailed(f"{path.name}: output shape {output.shape}, torch gives {reference.shape}")
-    err, psnr = _figures(output, reference)
     tol = TOLERANCES[precision]
-    _check_tolerance(path.name, err, psnr, tol)
-    record: dict[str, Any] = {
-        "reference": "torch",
-        "image": parity.PARITY_IMAGE,
-        "max_abs_error": err,
-        "psnr_db": psnr,
-        "tolerance": asdict(tol),
-    }
+    record = verify.check(path.name, "Core ML output", output, reference, tol, parity.PARITY_IMAGE)
     if precision in ("fp32", "fp16") and dense_output is not None:
-        if not parity.bit_identical(output, dense_output):
-            diff = float(np.max(np.abs(output.astype(np.float64) - dense_output)))
-            raise CheckFailed(f"{path.name}: output is not bit-identical to the dense file's (max diff {diff:.3g})")
+        verify.check_identical(path.name, output, dense_output)
         record["bit_identical_to_dense"] = True
     if precision not in ("fp32", "fp16"):
         record["dequantized_torch"] = _dequantized_parity(model, built.original, path, output, x)
     on_mac = sys.platform == "darwin"
     if on_mac:
         mac = _predict_on_mac(path, x_nchw).transpose(0, 2, 3, 1)
-        mac_err, _ = _figures(mac, output)
+        mac_err, _ = verify.figures(mac, output)
         mac_limit = 1e-3 if precision != "fp16" else 2e-2
         if not mac_err <= mac_limit:
             raise CheckFailed(
@@ -234,7 +193,7 @@ def _dequantized_parity(
 ) -> dict[str, Any]:
     clone, replaced = torch_with_weights(model, original, path)
     expected = parity.torch_output(clone, x)
-    err, _ = _figures(output, expected)
+    err, _ = verify.figures(output, expected)
     if not err <= DEQUANTIZED_MAX_ABS:
         raise CheckFailed(
             f"{path.name}: executor output differs from torch with the file's dequantized weights by {err:.3g} "

@@ -2,7 +2,8 @@
 
 A TFLite artifact runs in `ai_edge_litert`'s interpreter (the runtime devices use) on one tile cut from a
 bundled test photo's LR image; its output is compared with torch's on the same float32 input: max abs error and
-PSNR between the two outputs (peak 1.0). Each precision has a documented tolerance (`TFLITE_TOLERANCES`); a sparse
+PSNR between the two outputs (peak 1.0), by `convert.verify` (the one comparison every format uses). Each
+precision has a documented tolerance (`TFLITE_TOLERANCES`); a sparse
 file must be bit-identical to its dense sibling of the same precision on the same runtime and delegate, since
 DENSIFY restores the very same weights.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from convert import verify
+from convert.verify import FP32_MAX_ABS_ERROR, Tolerance
 from edgesr.datasets import load_test_set
 from edgesr.errors import CheckFailed
 from edgesr.images import quantize_uint8, to_float
-from edgesr.metrics import psnr, psnr_float
+from edgesr.metrics import psnr
 from edgesr.workload import Size, as_size, make_frame
 
 log = logging.getLogger(__name__)
 
 PARITY_SET, PARITY_IMAGE = "sporco", "monarch"
-FP32_MAX_ABS_ERR = 1e-4
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """How far a converted file's output may be from torch's on the parity tile (outputs in [0, 1])."""
-
-    max_abs_error: float
-    psnr_db_min: float
 
 
 # Measured on edsr-tiny x2 (trained checkpoint and seeded random init, dense and 80-90 % magnitude-pruned) on the
@@ -52,7 +45,7 @@ class Tolerance:
 # Each gate sits 15-20 dB below the worst case measured (max error ~5x larger): loose enough for other SR models,
 # tight enough to catch a broken conversion (a wrong layout or scale gives < 20 dB).
 TFLITE_TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(FP32_MAX_ABS_ERR, 80.0),
+    "fp32": Tolerance(FP32_MAX_ABS_ERROR, 80.0),
     "fp16": Tolerance(2e-3, 70.0),
     "int8-dynamic": Tolerance(0.08, 38.0),
     "int8": Tolerance(0.2, 32.0),
@@ -96,50 +89,6 @@ def run_tflite(path: str | os.PathLike, x_nhwc: np.ndarray, delegate: str = XNNP
     return interpreter.get_tensor(out["index"]).copy()
 
 
-def compare(name: str, output: np.ndarray, reference: np.ndarray, max_abs_err: float = FP32_MAX_ABS_ERR) -> dict:
-    """Max abs error and PSNR (peak 1.0) of `output` against `reference`; CheckFailed beyond `max_abs_err`."""
-    if output.shape != reference.shape:
-        raise CheckFailed(f"{name}: output shape {output.shape}, torch gives {reference.shape}")
-    err = float(np.max(np.abs(output.astype(np.float64) - reference.astype(np.float64))))
-    psnr = psnr_float(output, reference, peak=1.0)
-    if not err <= max_abs_err:  # also catches NaN
-        raise CheckFailed(
-            f"{name}: output differs from torch by up to {err:.3g} (limit {max_abs_err:g}), "
-            f"PSNR {psnr:.1f} dB on {PARITY_IMAGE}"
-        )
-    # JSON has no infinity: identical outputs are recorded as psnr_db null with max_abs_err 0.
-    return {"image": PARITY_IMAGE, "max_abs_err": err, "psnr_db": psnr if math.isfinite(psnr) else None}
-
-
-def bit_identical(a: np.ndarray, b: np.ndarray) -> bool:
-    """Same shape, dtype and bits (so -0.0 vs 0.0 or differing NaNs count as different)."""
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
-def check_tflite(
-    path: Path, reference: np.ndarray, x_nhwc: np.ndarray, dense_output: np.ndarray | None = None
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Parity of one .tflite against torch (and against the dense file's output if given); returns (record, output)."""
-    output = run_tflite(path, x_nhwc)
-    record = compare(path.name, output, reference)
-    record["bit_identical_to_dense"] = None
-    if dense_output is not None:
-        same = bit_identical(output, dense_output)
-        if not same:
-            diff = float(np.max(np.abs(output.astype(np.float64) - dense_output)))
-            raise CheckFailed(f"{path.name}: output is not bit-identical to the dense file's (max diff {diff:.3g})")
-        record["bit_identical_to_dense"] = True
-    log.info(
-        "%s: max abs err %.2e vs torch, PSNR %s dB on %s%s",
-        path.name,
-        record["max_abs_err"],
-        "inf" if record["psnr_db"] is None else f"{record['psnr_db']:.1f}",
-        PARITY_IMAGE,
-        ", bit-identical to dense" if dense_output is not None else "",
-    )
-    return record, output
-
-
 def _runtime_version() -> str:
     import importlib.metadata
 
@@ -168,25 +117,11 @@ def tflite_parity(
     delegate: str,
 ) -> dict[str, Any]:
     """The manifest's parity record of one output against torch; CheckFailed beyond the precision's tolerance."""
-    tol = TFLITE_TOLERANCES[precision]
-    if output.shape != reference.shape:
-        raise CheckFailed(f"{path.name}: output shape {output.shape}, torch gives {reference.shape}")
-    err = float(np.max(np.abs(output.astype(np.float64) - reference.astype(np.float64))))
-    psnr = psnr_float(output, reference, peak=1.0)
-    if not (err <= tol.max_abs_error and psnr >= tol.psnr_db_min):  # also catches NaN
-        raise CheckFailed(
-            f"{path.name}: {precision} output vs torch: max abs error {err:.3g} (limit {tol.max_abs_error:g}), "
-            f"PSNR {psnr:.1f} dB (limit >= {tol.psnr_db_min:g} dB) on {PARITY_IMAGE}"
-        )
-    return {
-        "reference": "torch",
-        "image": PARITY_IMAGE,
-        "max_abs_error": err,
-        # JSON has no infinity: identical outputs are recorded as psnr_db null with max_abs_error 0.
-        "psnr_db": psnr if math.isfinite(psnr) else None,
-        "tolerance": asdict(tol),
-        "verified_with": {"runtime": "ai-edge-litert", "version": _runtime_version(), "delegate": delegate},
-    }
+    record = verify.check(
+        path.name, f"{precision} output", output, reference, TFLITE_TOLERANCES[precision], PARITY_IMAGE
+    )
+    record["verified_with"] = {"runtime": "ai-edge-litert", "version": _runtime_version(), "delegate": delegate}
+    return record
 
 
 def sporco_tiles(tile: int | Size, scale: int, per_image: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:

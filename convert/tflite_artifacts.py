@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from convert import parity
+from convert import parity, verify
 from convert.sparse_tflite import SparseStats, conv_filter_stats, sparsify_tflite
 from convert.tflite import PRECISIONS, convert_tflite
-from edgesr.errors import CheckFailed
 from edgesr.manifest import atomic_output, sha256, size_bytes
 from edgesr.workload import Size
 
@@ -90,12 +89,7 @@ def tflite_artifacts(
     same_runtime_dense = (
         dense_out if sparse_delegate == dense_delegate else parity.run_tflite(dense_path, x, sparse_delegate)
     )
-    if not parity.bit_identical(sparse_out, same_runtime_dense):
-        diff = float(np.max(np.abs(sparse_out.astype(np.float64) - same_runtime_dense)))
-        raise CheckFailed(
-            f"{sparse_name}: output is not bit-identical to {dense_path.name}'s with {sparse_delegate} "
-            f"(max diff {diff:.3g})"
-        )
+    verify.check_identical(f"{sparse_name} (with {sparse_delegate})", sparse_out, same_runtime_dense)
     sparse = _entry(sparse_path, "sparse", precision, sparse_stats)
     sparse["parity"] = parity.tflite_parity(sparse_path, x, reference, precision, sparse_out, sparse_delegate)
     sparse["parity"]["bit_identical_to_dense"] = True

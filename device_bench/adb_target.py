@@ -4,7 +4,7 @@ Two engines, chosen per target in the targets file:
 - `benchmark_model` (phones): LiteRT's benchmark_model binary, which the user downloads for their phone and names
   in the targets file, is pushed with the model and per-tile raw inputs, pinned with `taskset`, run with the
   configured threads and delegate, its log parsed and its per-tile outputs pulled and stitched on the host
-  (android_harness.engine);
+  (device_bench.benchmark_model_engine);
 - `runner` (devices with Python: Linux boards over adb, Termux): device_bench/runner.py and the job folder are
   pushed and run with the device's python, exactly as the ssh target does; result.json and outputs come back.
 Each run uses its own folder under `workdir` (`mktemp -d`), removed afterwards, also on failure.
@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from android_harness.adb import Adb, AdbError
-from android_harness.engine import EngineSettings
-from android_harness.engine import run_job as run_benchmark_model
+from device_bench.benchmark_model_engine import EngineSettings
+from device_bench.benchmark_model_engine import run_job as run_benchmark_model
 from device_bench.runner import RUNTIMES
 from device_bench.target_config import EntryFields
-from device_bench.targets import MODEL_ERRORS, RUNNER, LocalTarget, Target, default_device_python, runner_error
+from device_bench.targets import DEVICE_FACTS, RUNNER, LocalTarget, Target, check_runner_exit, default_device_python
 from edgesr.errors import BadInput, TargetFailed
 
 log = logging.getLogger("device_bench")
@@ -63,7 +63,7 @@ echo "abi=$(getprop ro.product.cpu.abi 2>/dev/null)"
 echo "dt_model=$(tr -d '\000' < /proc/device-tree/model 2>/dev/null)"
 echo "os=$( (. /etc/os-release && echo "$PRETTY_NAME") 2>/dev/null)"
 echo "machine=$(uname -m 2>/dev/null)"
-echo "kernel=$(uname -r 2>/dev/null)"
+echo "kernel=$(uname -sr 2>/dev/null)"
 echo "cpus=$(grep -c ^processor /proc/cpuinfo 2>/dev/null)"
 for f in /sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_governor; do
   [ -r "$f" ] && echo "governor=${f#/sys/devices/system/cpu/}=$(cat "$f")"
@@ -195,14 +195,7 @@ class ADBTarget(Target):
         res = self.client.shell(cmd, timeout=self.timeout_s)
         if log_path is not None:
             log_path.write_bytes(res.stderr)
-        if res.returncode != 0:
-            kind, reason = runner_error(res.err or res.out)
-            if res.returncode == 2 and kind in MODEL_ERRORS:
-                raise BadInput(reason)
-            if res.returncode > 128:  # the device shell reports a signal as 128 + its number
-                signum = res.returncode - 128
-                reason = f"runner killed by signal {signum}" + (" (out of memory?)" if signum == 9 else "")
-            raise self._fail(f"runner failed (exit {res.returncode}): {reason}")
+        check_runner_exit(self.name, "runner", res.returncode, res.err or res.out, shell=True, python=self.python)
         return res.out
 
     # --------------------------------------------------------------------------------------- Target interface
@@ -303,7 +296,10 @@ class ADBTarget(Target):
         banner = next((d.details for d in self.client.devices() if d.serial == self.serial), {})
         android = raw.get("android")
         self._facts = {
-            "model": raw.get("model") or raw.get("dt_model") or banner.get("model", "").replace("_", " ") or UNKNOWN,
+            "device_model": raw.get("model")
+            or raw.get("dt_model")
+            or banner.get("model", "").replace("_", " ")
+            or UNKNOWN,
             "android_version": android or UNKNOWN,
             "android_sdk": raw.get("sdk", UNKNOWN),
             "os": f"Android {android}" if android else raw.get("os", UNKNOWN),
@@ -321,7 +317,7 @@ class ADBTarget(Target):
             device = self.device_facts()
             adb_version = self.client.version()
         except (AdbError, ValueError) as exc:
-            device, adb_version = {"model": UNKNOWN, "error": str(exc)}, UNKNOWN
+            device, adb_version = {"facts_error": str(exc)}, UNKNOWN
         info = {
             "name": self.name,
             "kind": "adb",
@@ -329,11 +325,8 @@ class ADBTarget(Target):
             "serial": self.serial,
             "adb_version": adb_version,
             "engine": self.engine,
-            "device": device,
-            "device_model": device.get("model", UNKNOWN),
-            "android_version": device.get("android_version", UNKNOWN),
-            "os": device.get("os", UNKNOWN),
-            "cpu_governor": device.get("cpu_governor", UNKNOWN),
+            **{key: UNKNOWN for key in DEVICE_FACTS},
+            **device,
             "threads": self.threads,
             "cooldown_s": self.cooldown_s,
             "timeout_s": self.timeout_s,

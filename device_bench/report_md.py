@@ -69,20 +69,20 @@ def _failure_line(f: dict[str, Any]) -> str:
     return f"- {what}: measured {_f(value, 3)} {unit} < minimum {_f(limit, 3)} {unit}, short by {_f(by, 3)} {unit}"
 
 
-# info() keys shown first in the environment block, with their labels; any other key a target reports follows.
+# info() keys shown first in the environment block (targets.DEVICE_FACTS among them), with their labels; any other
+# key a target reports follows.
 _ENV_KEYS = {
     "kind": "target kind",
     "host": "host",
     "device_model": "device model",
-    "model": "device model",
     "os": "OS",
-    "os_release": "OS",
     "android_version": "Android version",
     "kernel": "kernel",
-    "cpu_governor": "CPU governor",
-    "governor": "CPU governor",
     "machine": "machine",
+    "cpu_model": "CPU",
     "cpu_count": "CPUs",
+    "cpu_governor": "CPU governor",
+    "mem_total_mb": "memory (MiB)",
     "platform": "platform",
     "python": "Python",
     "numpy": "numpy",
@@ -115,11 +115,9 @@ def _environment_block(env: dict[str, Any], rows: list[dict[str, Any]]) -> list[
         f"- threads: {', '.join(threads) or '—'}",
         f"- delegate: {', '.join(delegates) or '—'}",
     ]
-    shown = set()
     for key, label in _ENV_KEYS.items():
-        if env.get(key) not in (None, "") and label not in shown:
+        if env.get(key) not in (None, ""):
             lines.append(f"- {label}: {_env_value(env[key])}")
-            shown.add(label)
     for key in sorted(k for k in env if k not in _ENV_KEYS and k not in _ENV_SKIP):
         if env[key] not in (None, "", {}, []):
             lines.append(f"- {key.replace('_', ' ')}: {_env_value(env[key])}")

@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from device_bench.target_config import EntryFields
-from device_bench.targets import MODEL_ERRORS, RUNNER, Target, runner_error
+from device_bench.targets import RUNNER, Target, check_runner_exit
 from edgesr.errors import BadInput, TargetFailed
 
 log = logging.getLogger("device_bench")
@@ -48,7 +47,8 @@ _SIGNAL_BASE = 128
 
 # One line of what the device is, read with standard tools; each line is `key=value`, missing facts are skipped.
 _FACTS_SCRIPT = r"""
-echo "kernel=$(uname -srm)"
+echo "kernel=$(uname -sr)"
+echo "machine=$(uname -m)"
 echo "hostname=$(uname -n)"
 if [ -r /proc/device-tree/model ]; then echo "device_model=$(tr -d '\000' < /proc/device-tree/model)"; fi
 m=$(grep -m1 -E '^(model name|Model|Hardware)' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')
@@ -293,22 +293,8 @@ class SSHTarget(Target):
         return ("env " + env + " " if env else "") + " ".join(shlex.quote(a) for a in argv)
 
     def _check_runner_exit(self, rc: int, stderr: str, what: str, log_path: Path | None) -> None:
-        if rc == 0:
-            return
         where = f" (log: {log_path})" if log_path is not None else ""
-        kind, reason = runner_error(stderr)
-        if rc == 2 and kind in MODEL_ERRORS:
-            raise BadInput(reason)
-        if rc > _SIGNAL_BASE:
-            try:
-                sig = signal.Signals(rc - _SIGNAL_BASE).name
-            except ValueError:
-                sig = f"signal {rc - _SIGNAL_BASE}"
-            hint = " (out of memory?)" if sig == "SIGKILL" else ""
-            raise TargetFailed(f"target {self.name}: {what}: runner killed by {sig}{hint}{where}")
-        if rc == 127:
-            reason = f"{self.python} not found on the device ({_last_line(stderr)})"
-        raise TargetFailed(f"target {self.name}: {what} failed (exit {rc}): {reason}{where}")
+        check_runner_exit(self.name, what, rc, stderr, where, shell=True, python=self.python)
 
     # ----------------------------------------------------------------------------------------- Target calls
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_bench.runner import EXIT_INVALID
 from device_bench.target_config import EntryFields, load_targets_file
 from edgesr.errors import BadInput, TargetFailed
 
@@ -109,17 +110,7 @@ class LocalTarget(Target):
         where = f" (log: {log_path})" if log_path is not None else ""
         if log_path is not None:
             log_path.write_text(proc.stderr)
-        if proc.returncode != 0:
-            kind, reason = runner_error(proc.stderr)
-            if proc.returncode == 2 and kind in MODEL_ERRORS:
-                raise BadInput(reason)
-            if proc.returncode < 0:
-                try:
-                    sig = signal.Signals(-proc.returncode).name
-                except ValueError:
-                    sig = f"signal {-proc.returncode}"
-                raise TargetFailed(f"target {self.name}: {what}: runner killed by {sig}{where}")
-            raise TargetFailed(f"target {self.name}: {what} failed (exit {proc.returncode}): {reason}{where}")
+        check_runner_exit(self.name, what, proc.returncode, proc.stderr, where)
         return proc.stdout
 
     def describe(self, model: Path) -> dict[str, Any]:
@@ -154,6 +145,39 @@ class LocalTarget(Target):
 
 def _text(data: str | bytes | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+# The device facts every remote target reports under these keys (info(); the report shows them first): what the
+# device is, its OS and kernel, CPU and governor (a powersave governor halves the speed), memory.
+DEVICE_FACTS = ("device_model", "os", "kernel", "machine", "cpu_model", "cpu_count", "cpu_governor", "mem_total_mb")
+SHELL_SIGNAL_BASE = 128  # a POSIX shell (ssh, adb shell) reports a child killed by signal N as 128 + N
+SHELL_NOT_FOUND = 127
+
+
+def check_runner_exit(
+    target: str, what: str, rc: int, stderr: str, where: str = "", shell: bool = False, python: str | None = None
+) -> None:
+    """The one classification of a runner's exit, for every target: 0 returns; exit 2 with a model error kind is
+    BadInput (the model is unusable: exit 2 for the command); a runner killed by a signal (a negative code from a
+    local subprocess, 128 + N through a remote shell) is TargetFailed naming the signal (SIGKILL: "out of
+    memory?"); a shell's 127 is the device Python missing; anything else is TargetFailed with the runner's own
+    one-line error. `where` (e.g. " (log: ...)") is appended to the message."""
+    if rc == 0:
+        return
+    kind, reason = runner_error(stderr)
+    if rc == EXIT_INVALID and kind in MODEL_ERRORS:
+        raise BadInput(reason)
+    signum = -rc if rc < 0 else (rc - SHELL_SIGNAL_BASE if shell and rc > SHELL_SIGNAL_BASE else None)
+    if signum is not None:
+        try:
+            sig = signal.Signals(signum).name
+        except ValueError:
+            sig = f"signal {signum}"
+        hint = " (out of memory?)" if sig == "SIGKILL" else ""
+        raise TargetFailed(f"target {target}: {what}: runner killed by {sig}{hint}{where}")
+    if shell and rc == SHELL_NOT_FOUND and python:
+        reason = f"{python} not found on the device ({reason})"
+    raise TargetFailed(f"target {target}: {what} failed (exit {rc}): {reason}{where}")
 
 
 def runner_error(stderr: str) -> tuple[str, str]:

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 
 from android_harness.adb import Adb, AdbError
-from android_harness.engine import TileRecorder
 from conftest import REPO, find_device_python, run_module
 from device_bench.adb_target import ADBTarget
 from device_bench.artifacts import Artifact
 from device_bench.bench import BenchConfig
+from device_bench.benchmark_model_engine import TileRecorder
 from device_bench.jobs import score_outputs, write_job
 from device_bench.targets import LocalTarget
 from edgesr.datasets import builtin_hr_images, load_test_set
@@ -462,5 +462,5 @@ def test_runner_engine_in_arm64_vm(server: int, job: tuple, local_reference: tup
         diff = np.abs(np.load(job_dir / "out" / f"{p.name}.npy") - np.load(ref_out / f"{p.name}.npy")).max()
         assert diff < 1e-4, f"{p.name}: max |arm64 - x86| = {diff}"
         assert scores[p.name]["psnr_y_db"] == pytest.approx(ref_scores[p.name]["psnr_y_db"], abs=1e-4)
-    assert info["emulated"] is True and info["device"]["machine"] == "aarch64" and leftovers == []
+    assert info["emulated"] is True and info["machine"] == "aarch64" and leftovers == []
     assert info["android_version"] == "unknown" and info["os"].startswith("Debian")

@@ -3,7 +3,7 @@
 import pytest
 
 from android_harness.benchmark_output import BenchmarkCommand, parse_benchmark_output
-from android_harness.engine import timing_result
+from device_bench.benchmark_model_engine import timing_result
 from edgesr.errors import TargetFailed
 
 # Lines in the order BenchmarkModel::Run() and its listeners print them (tflite/tools/benchmark).

@@ -23,10 +23,10 @@ from compress.pruning.methods.magnitude import prune_once
 from conftest import run_module
 from convert import coreml, mil_exec
 from convert.cli import main
-from convert.parity import compare
 from convert.pipeline import PRECISIONS, WEIGHT_KEYS, convert_checkpoint, parse_formats, parse_precisions
 from convert.receptive_field import receptive_field_radius
 from convert.tflite import tflite_op_counts
+from convert.verify import Tolerance, check
 from edgesr.errors import BadInput, CheckFailed, run_cli
 from edgesr.manifest import read_json, sha256, size_bytes
 
@@ -225,8 +225,10 @@ def test_parity_failure_is_one_line():
     out = ref.copy()
     out[0, 1, 1, 0] = 0.01
     with pytest.raises(CheckFailed) as err:
-        compare("dense.tflite", out, ref)
+        check("dense.tflite", "fp32 output", out, ref, Tolerance(max_abs_error=1e-4), "monarch")
     assert "dense.tflite" in str(err.value) and "0.01" in str(err.value) and "\n" not in str(err.value)
+    record = check("dense.tflite", "fp32 output", out, ref, Tolerance(max_abs_error=0.02), "monarch")
+    assert record["max_abs_error"] == pytest.approx(0.01) and record["tolerance"]["max_abs_error"] == 0.02
 
 
 def test_bad_inputs_write_nothing(converted, tmp_path):

@@ -18,7 +18,8 @@ from compress.checkpoint import load_checkpoint
 from compress.pruning.methods.magnitude import prune_once
 from conftest import REPO
 from convert import coreml, coreml_artifacts, mil_exec, parity
-from convert.coreml_artifacts import COREML_PRECISIONS, TOLERANCES, Tolerance
+from convert.coreml_artifacts import COREML_PRECISIONS, TOLERANCES
+from convert.verify import Tolerance
 from convert.weight_bound import bound_bytes
 from edgesr.datasets import load_test_set
 from edgesr.errors import CheckFailed
@@ -140,7 +141,12 @@ def test_parity_gate_fails_with_one_line(built, tmp_path, monkeypatch):
             built["model"], tmp_path, "lut2", TILE, 0.0, built["x"], built["reference"], SCALE
         )
     message = str(err.value)
-    assert message.startswith("dense-lut2.mlpackage: ") and "limit 200 dB" in message and "\n" not in message
+    assert (
+        message.startswith("dense-lut2.mlpackage: ")
+        and "Core ML output vs torch" in message
+        and "(limit >= 200 dB)" in message
+        and "\n" not in message
+    )
 
 
 def test_sparse_encoding_decisions():

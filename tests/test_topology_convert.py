@@ -26,7 +26,7 @@ from torch import nn
 
 import topology_models
 from conftest import REPO, run_module
-from convert import coreml, mil_exec, parity
+from convert import coreml, mil_exec, parity, verify
 from convert.sparse_tflite import conv_filter_stats, sparsify_tflite
 from convert.tflite import tflite_bytes, tflite_op_counts
 from edgesr.manifest import read_json
@@ -117,10 +117,10 @@ def test_fp32_files_compute_the_original_model(converted):
     coreml_out = mil_exec.run_mlpackage(out / "dense.mlpackage", {coreml.INPUT_NAME: x.transpose(0, 3, 1, 2)})
     coreml_out = coreml_out[coreml.OUTPUT_NAME].transpose(0, 2, 3, 1)
     assert ref.shape == (1, SCALE * TILE, SCALE * TILE, 3)
-    assert _max_err(tflite_out, ref) <= parity.FP32_MAX_ABS_ERR
-    assert _max_err(coreml_out, ref) <= parity.FP32_MAX_ABS_ERR
+    assert _max_err(tflite_out, ref) <= verify.FP32_MAX_ABS_ERROR
+    assert _max_err(coreml_out, ref) <= verify.FP32_MAX_ABS_ERROR
     for a in converted["manifest"]["artifacts"]:
-        assert a["precision"] == "fp32" and a["parity"]["max_abs_error"] <= parity.FP32_MAX_ABS_ERR, a["file"]
+        assert a["precision"] == "fp32" and a["parity"]["max_abs_error"] <= verify.FP32_MAX_ABS_ERROR, a["file"]
         assert a["parity"]["image"] == parity.PARITY_IMAGE
 
 
@@ -160,7 +160,7 @@ def test_exported_program_converts_too(converted):
     assert [r["module"] for r in m["lowered"]] == [r["module"] for r in converted["manifest"]["lowered"]]
     assert m["tile"]["receptive_field_radius"] == converted["manifest"]["tile"]["receptive_field_radius"]
     got = parity.run_tflite(out / "dense.tflite", converted["x"])
-    assert _max_err(got, converted["reference"]) <= parity.FP32_MAX_ABS_ERR
+    assert _max_err(got, converted["reference"]) <= verify.FP32_MAX_ABS_ERROR
 
 
 def test_pruned_depthwise_and_grouped_filters_are_sparse_encoded(tmp_path):
@@ -185,8 +185,8 @@ def test_pruned_depthwise_and_grouped_filters_are_sparse_encoded(tmp_path):
         for i, data in enumerate((dense, sparse)):
             (tmp_path / f"{i}.tflite").write_bytes(data)
             outputs.append(parity.run_tflite(tmp_path / f"{i}.tflite", x, delegate))
-        assert parity.bit_identical(*outputs), delegate
-        assert _max_err(outputs[0], parity.torch_output(model, x)) <= parity.FP32_MAX_ABS_ERR
+        assert verify.bit_identical(*outputs), delegate
+        assert _max_err(outputs[0], parity.torch_output(model, x)) <= verify.FP32_MAX_ABS_ERROR
 
 
 DILATED = textwrap.dedent(
