@@ -13,11 +13,12 @@ rewritten, and `ops`: the operators the converters got). Any error leaves the ou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,14 +142,7 @@ def convert_model(
     x = parity.parity_tile(tile, intake.scale)
     lowered = lower_for_conversion(model, x, spec.origin)  # what the converters get; `model` stays the reference
     converted_ops = op_counts(lowered.program) if lowered.program is not None else intake_ops
-    created = make_out_dir(out_dir)
-    try:
-        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".convert-"))
-    except OSError as exc:
-        if created:
-            out_dir.rmdir()
-        raise BadInput(f"{out_dir}: cannot write into the output folder ({exc.strerror or exc})") from None
-    try:
+    with staged(out_dir, ".convert-") as staging:
         reference = parity.torch_output(model, x)
         artifacts, skipped = _build_all(lowered.model, staging, cfg, tile, intake.scale, x, reference)
         for a in artifacts:  # the files as published: sizes and digests measured here, once, for every format
@@ -176,12 +170,6 @@ def convert_model(
             versions=versions("torch", "litert-torch", "ai-edge-litert", "coremltools", "scikit-learn", "numpy"),
         )
         _publish(staging, out_dir, [a["file"] for a in artifacts], manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %s: %d artifacts, %d skipped", out_dir / MANIFEST_NAME, len(artifacts), len(skipped))
     return manifest
 
@@ -293,6 +281,27 @@ def check_out_dir(out_dir: Path) -> None:
         raise BadInput(f"{out_dir}: its parent folder {out_dir.parent} does not exist")
     elif not os.access(out_dir.parent, os.W_OK | os.X_OK):
         raise BadInput(f"{out_dir}: cannot create it, {out_dir.parent} is not writable")
+
+
+@contextlib.contextmanager
+def staged(out_dir: Path, prefix: str) -> Iterator[Path]:
+    """A hidden staging folder inside `out_dir` (created if needed) for work that is published only whole: removed
+    afterwards either way; on an error, `out_dir` too if this call created it and it is still empty."""
+    created = make_out_dir(out_dir)
+    try:
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=prefix))
+    except OSError as exc:
+        if created:
+            out_dir.rmdir()
+        raise BadInput(f"{out_dir}: cannot write into the output folder ({exc.strerror or exc})") from None
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def make_out_dir(out_dir: Path) -> bool:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from compress.intake import ModelSpec
-from convert.pipeline import DEFAULT_PRECISIONS, FORMATS, check_out_dir, convert_model, make_out_dir
+from convert.pipeline import DEFAULT_PRECISIONS, FORMATS, check_out_dir, convert_model, staged
 from convert.sparse_tflite import MIN_SPARSITY
 from edgesr.errors import BadInput
 from edgesr.manifest import MANIFEST_NAME
@@ -54,15 +53,8 @@ def convert_tiles(
         raise BadInput(
             f"{out_dir}: holds a single-tile conversion ({MANIFEST_NAME}); write a tile list into another --out"
         )
-    created = make_out_dir(out_dir)
-    try:
-        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tiles-"))
-    except OSError as exc:
-        if created:
-            out_dir.rmdir()
-        raise BadInput(f"{out_dir}: cannot write into the output folder ({exc.strerror or exc})") from None
     manifests = []
-    try:
+    with staged(out_dir, ".tiles-") as staging:
         for i, (size, folder) in enumerate(zip(sizes, folders, strict=True), 1):
             log.info("tile %d of %d: %s", i, len(sizes), format_size(size))
             manifests.append(convert_model(spec, staging / folder, formats, precisions, size, sparse_min, name, frame))
@@ -70,11 +62,5 @@ def convert_tiles(
             if (out_dir / folder).exists():
                 shutil.rmtree(out_dir / folder)
             os.replace(staging / folder, out_dir / folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %d tile folders into %s: %s", len(folders), out_dir, ", ".join(folders))
     return manifests

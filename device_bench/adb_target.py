@@ -276,7 +276,7 @@ class ADBTarget(Target):
             timeout_s=self.timeout_s,
         )
         result = run_benchmark_model(self.client, remote, job_dir, io, settings)
-        result["device"] = self.info()["device"]
+        result["device"] = self.device_facts()
         return result
 
     def device_facts(self) -> dict[str, Any]:

@@ -42,6 +42,15 @@ def stale_report_files(out: Path) -> list[Path]:
     return sorted({p for pattern in REPORT_GLOBS for p in Path(out).glob(pattern)})
 
 
+def tile_text(row: dict[str, Any], sep: str = " ") -> str:
+    """How a row's tile reads: "128" for 128x128, "frame (960x540)" for the whole frame, else WxH."""
+    h, w = row["tile"]
+    frame = row.get("frame_size")
+    if frame and [h, w] == list(frame):
+        return f"frame{sep}({w}x{h})" if sep == " " else f"frame{sep}{w}x{h}"
+    return str(h) if h == w else f"{w}x{h}"
+
+
 def failed_budgets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every failed budget as {target, model, artifact, tile, budget, limit, value, unit, by}."""
     failed = []

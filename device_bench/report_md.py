@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from device_bench.budgets import LABELS
-from device_bench.report import EMULATED_NOTE, MEMORY_SPREAD_MB, PSNR_TIE_DB
+from device_bench.report import EMULATED_NOTE, MEMORY_SPREAD_MB, PSNR_TIE_DB, tile_text
 
 _PARETO_SHORT = {"psnr_vs_size": "size", "psnr_vs_peak_rss": "memory", "psnr_vs_latency": "frame latency"}
 
@@ -29,14 +29,6 @@ def _signed(x: float | None, digits: int = 2) -> str:
         return "—"
     x = round(float(x), digits)
     return f"{0.0:.{digits}f}" if x == 0 else f"{x:+.{digits}f}"
-
-
-def _tile(r: dict[str, Any]) -> str:
-    h, w = r["tile"]
-    frame = r.get("frame_size")
-    if frame and [h, w] == list(frame):
-        return f"frame ({w}x{h})"
-    return str(h) if h == w else f"{w}x{h}"
 
 
 def _frame(r: dict[str, Any]) -> str:
@@ -107,7 +99,7 @@ def _environment_block(env: dict[str, Any], rows: list[dict[str, Any]]) -> list[
     ]
     threads = sorted({"runtime default" if r["threads"] == -1 else str(r["threads"]) for r in rows})
     delegates = sorted({str(r.get("delegate", "unknown")) for r in rows})
-    tiles = sorted({(r["tile"][0], f"{_tile(r)} (overlap {r['overlap']})") for r in rows})
+    tiles = sorted({(r["tile"][0], f"{tile_text(r)} (overlap {r['overlap']})") for r in rows})
     frames = sorted({_frame(r) for r in rows})
     lines = [
         f"- workload: LR frames {', '.join(frames) or '—'}; tiles (LR px): {', '.join(t for _, t in tiles) or '—'}",
@@ -131,7 +123,7 @@ def _phase(row: dict[str, Any], phase: str, field: str) -> float | None:
 
 
 def _name(r: dict[str, Any]) -> str:
-    return f"| {r['model']} | {r['artifact']} | {_tile(r)} "
+    return f"| {r['model']} | {r['artifact']} | {tile_text(r)} "
 
 
 def _results_table(rows: list[dict[str, Any]], bicubic: float | None, emulated: bool) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from device_bench.budgets import LABELS
-from device_bench.report import EMULATED_NOTE, PLOTS, point
+from device_bench.report import EMULATED_NOTE, PLOTS, point, tile_text
 from edgesr.manifest import atomic_output
 
 _TITLES = {"psnr_vs_size": "Y-PSNR vs size", "psnr_vs_peak_rss": "Y-PSNR vs peak memory"}
@@ -60,7 +60,7 @@ def _label(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         if len({x.get(key) for x in same_model}) > 1:
             text += f" {r.get(key)}"
     if len({tuple(x["tile"]) for x in same_model}) > 1:
-        text += f" @{_tick(r)}".replace("\n", " ")
+        text += f" @{tile_text(r, sep=' ')}"
     return text
 
 
@@ -141,7 +141,7 @@ def _sweep_plot(path: Path, rows: list[dict[str, Any]], target: str) -> bool:
     mem_ax, lat_ax = fig.subplots(1, 2)
     for i, ((model, artifact), group) in enumerate(swept.items()):
         group = sorted(group, key=lambda r: r["tile"][0] * r["tile"][1])
-        ticks = [_tick(r) for r in group]
+        ticks = [tile_text(r, sep="\n") for r in group]
         xs = list(range(len(group)))
         color = f"C{i % 10}"
         label = f"{model} ({artifact})"
@@ -163,11 +163,3 @@ def _sweep_plot(path: Path, rows: list[dict[str, Any]], target: str) -> bool:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")
     return True
-
-
-def _tick(r: dict[str, Any]) -> str:
-    h, w = r["tile"]
-    frame = r.get("frame_size")
-    if frame and [h, w] == list(frame):
-        return f"frame\n{w}x{h}"
-    return str(h) if h == w else f"{w}x{h}"
