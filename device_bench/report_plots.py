@@ -11,15 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from device_bench.budgets import LABELS
 from device_bench.report import EMULATED_NOTE, PLOTS, point, tile_text
 from edgesr.manifest import atomic_output
 
 _TITLES = {"psnr_vs_size": "Y-PSNR vs size", "psnr_vs_peak_rss": "Y-PSNR vs peak memory"}
 _TITLES["psnr_vs_latency"] = "Y-PSNR vs frame latency"
-# Where a point's label goes (points, right of the point), in turn: labels of points at about the same Y-PSNR are
-# stacked at different heights so that they do not sit on each other.
-_OFFSETS = ((6, 5), (6, -11), (6, 17), (6, -23))
 
 
 def _limits(report: dict[str, Any], target: str) -> dict[str, float]:
@@ -52,68 +48,94 @@ def draw_plots(out: Path, report: dict[str, Any]) -> dict[str, dict[str, str]]:
     return drawn
 
 
-def _label(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """The model, then only what tells its points apart: encoding, precision, tile."""
-    same_model = [x for x in rows if x["model"] == r["model"]]
-    text = r["model"]
-    for key in ("encoding", "precision"):
-        if len({x.get(key) for x in same_model}) > 1:
-            text += f" {r.get(key)}"
-    if len({tuple(x["tile"]) for x in same_model}) > 1:
-        text += f" @{tile_text(r, sep=' ')}"
-    return text
+_MARKERS = "osD^vP*Xh<>p"  # one per tile size, in order of tile area
+_LINESTYLES = ("-", "--", ":", "-.")  # one per target's Pareto front
 
 
 def _pareto_plot(path: Path, report: dict[str, Any], plot: str, targets: list[str]) -> bool:
+    """Y-PSNR against one cost: colour = model, marker = tile, hollow = sparse file; each target's Pareto front a
+    step line through ringed points; the budget limits dashed (a limit far off the data is named, not drawn)."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     _, _, xlabel, timing, budget = PLOTS[plot]
     rows = [r for r in report["rows"] if r["target"] in targets and point(r, plot) is not None]
     if not rows:
         return False
-    fig = Figure(figsize=(7.2, 4.8), dpi=120)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    tiles = sorted({tuple(r["tile"]) for r in rows}, key=lambda t: t[0] * t[1])
+    color = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    marker = {t: _MARKERS[i % len(_MARKERS)] for i, t in enumerate(tiles)}
+    fig = Figure(figsize=(8.4, 4.8), dpi=120)
     ax = fig.subplots()
+    handles: list[Any] = [Line2D([], [], ls="", marker="o", color=color[m], label=m) for m in models]
+    if len(tiles) > 1:
+        by_tile = {tuple(r["tile"]): r for r in rows}
+        handles += [
+            Line2D([], [], ls="", marker=marker[t], color="grey", label=f"tile {tile_text(by_tile[t])}") for t in tiles
+        ]
+    if any(r["encoding"] == "sparse" for r in rows):
+        handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="grey", label="hollow: sparse file"))
     env = report.get("environment", {})
-    n = 0
+    xs_all = []
     for i, target in enumerate(targets):
         group = [r for r in rows if r["target"] == target]
         if not group:
             continue
-        color = f"C{i % 10}"
-        emulated = any(r.get("emulated") for r in group) or bool(env.get(target, {}).get("emulated"))
-        label = f"{target} ({EMULATED_NOTE})" if emulated and timing else target
-        pts = [point(r, plot) for r in group]
-        xs, ys = [p[0] for p in pts], [p[2] for p in pts]
-        ax.scatter(xs, ys, s=30, color=color, label=label, zorder=3)
-        if timing:  # the spread: median to p90
-            ax.hlines(ys, xs, [p[1] for p in pts], color=color, lw=1.5, alpha=0.6)
+        for r in group:
+            x, hi, y = point(r, plot)
+            xs_all += [x, hi]
+            hollow = r["encoding"] == "sparse"
+            ax.scatter(
+                [x],
+                [y],
+                s=36,
+                marker=marker[tuple(r["tile"])],
+                zorder=3,
+                color=color[r["model"]],
+                facecolors="none" if hollow else color[r["model"]],
+            )
+            if timing:  # the spread: median to p90
+                ax.hlines([y], [x], [hi], color=color[r["model"]], lw=1.5, alpha=0.6)
         on = [(r.get("pareto") or {}).get(plot, False) for r in group]
-        front = sorted((p[0], p[2]) for p, o in zip(pts, on, strict=True) if o)
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=color, lw=1, alpha=0.7)
-        ax.scatter([p[0] for p in front], [p[1] for p in front], s=110, facecolors="none", edgecolors=color)
-        for r, p in sorted(zip(group, pts, strict=True), key=lambda rp: (rp[1][2], rp[1][0])):
-            dx, dy = _OFFSETS[n % len(_OFFSETS)]
-            n += 1
-            ax.annotate(_label(r, rows), (p[0], p[2]), textcoords="offset points", xytext=(dx, dy), fontsize=7)
+        front = sorted((point(r, plot)[0], point(r, plot)[2]) for r, o in zip(group, on, strict=True) if o)
+        style = _LINESTYLES[i % len(_LINESTYLES)]
+        emulated = any(r.get("emulated") for r in group) or bool(env.get(target, {}).get("emulated"))
+        name = f"{target} ({EMULATED_NOTE})" if emulated and timing else target
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=0.8, ls=style)
+        ax.scatter([p[0] for p in front], [p[1] for p in front], s=130, facecolors="none", edgecolors="black", lw=0.8)
+        handles.append(Line2D([], [], color="black", lw=0.8, ls=style, marker="o", mfc="none", label=f"front: {name}"))
     limits = _limits(report, targets[0]) if len(targets) == 1 else (report.get("budgets") or {}).get("defaults") or {}
-    whose = targets[0] if len(targets) == 1 else "all targets"
+    whose = targets[0] if len(targets) == 1 else "defaults"
+    span = max(xs_all) if xs_all else 1.0
+    ys = [point(r, plot)[2] for r in rows]
     if "min_psnr_db" in limits:
-        ax.axhline(limits["min_psnr_db"], color="tab:red", lw=0.8, ls="--", label=f"min_psnr_db ({whose})")
-    if budget in limits:
-        ax.axvline(limits[budget], color="tab:orange", lw=0.8, ls="--", label=f"{budget}: {LABELS[budget]} ({whose})")
-    if plot == "psnr_vs_latency" and "max_frame_ms_median" in limits:
-        ax.axvline(limits["max_frame_ms_median"], color="tab:purple", lw=0.8, ls=":", label="max_frame_ms_median")
+        ax.axhline(limits["min_psnr_db"], color="tab:red", lw=0.8, ls="--")
+        handles.append(Line2D([], [], color="tab:red", lw=0.8, ls="--", label=f"min_psnr_db ({whose})"))
+        ys.append(limits["min_psnr_db"])
+    for key, style in ((budget, "--"), ("max_frame_ms_median" if plot == "psnr_vs_latency" else "", ":")):
+        if key in limits:
+            limit = limits[key]
+            if limit <= 2.5 * span:  # near the data: draw it; far off: name it, so the points keep the axis
+                ax.axvline(limit, color="tab:orange", lw=0.8, ls=style)
+                label = f"{key} {limit:g} ({whose})"
+            else:
+                label = f"{key} {limit:g} ({whose}): off scale, all points inside"
+            handles.append(Line2D([], [], color="tab:orange", lw=0.8, ls=style, label=label))
     bicubic = _bicubic(report, rows)
     if bicubic is not None:
-        ax.axhline(bicubic, color="grey", lw=0.8, ls=":", label=f"bicubic {bicubic:.2f} dB")
-    ax.legend(fontsize=7, loc="best")
+        ax.axhline(bicubic, color="grey", lw=0.8, ls=":")
+        handles.append(Line2D([], [], color="grey", lw=0.8, ls=":", label=f"bicubic {bicubic:.2f} dB"))
+        ys.append(bicubic)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set_xlabel(xlabel + (" — bar: median to p90" if timing else ""))
     ax.set_ylabel(f"Y-PSNR (dB) on {Path(str(report['test_set']['name'])).name}")
     title = _TITLES[plot] + (f" on {targets[0]}" if len(targets) == 1 else "") + " — ringed: Pareto front"
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.margins(x=0.3, y=0.2)
-    ax.set_xlim(left=0)  # every cost is >= 0
+    pad = (max(ys) - min(ys)) * 0.08 or 0.5
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    ax.set_xlim(0, ax.get_xlim()[1] * 1.05)  # every cost is >= 0
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")

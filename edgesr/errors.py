@@ -62,6 +62,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             logging.getLogger("edgesr").info("(%d library warning(s) logged to %s)", captured.count, captured.path)
 
 
+# Loggers whose records stay on the console: edgesr's packages, and the root logger (which the converters' own
+# progress uses; convert filters that separately).
+OWN_LOGGERS = frozenset({"edgesr", "compress", "convert", "device_bench", "android_harness", "root", "py"})
+
+
 def warnings_log_path() -> Path:
     """Where third-party warnings go: $EDGESR_LOG, else <cache>/logs/warnings.log (EDGESR_CACHE or ~/.cache/edgesr)."""
     if os.environ.get("EDGESR_LOG"):
@@ -96,6 +101,16 @@ def capture_warnings() -> _CountingFileHandler | None:
     wlog = logging.getLogger("py.warnings")
     wlog.handlers[:] = [handler]
     wlog.propagate = False
+
+    def third_party_to_file(record: logging.LogRecord) -> bool:
+        """Libraries' own log records below ERROR (torchao's "Failed to load ...", ...) go to the file too."""
+        if record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR:
+            return True
+        handler.handle(record)
+        return False
+
+    for console in logging.getLogger().handlers:
+        console.addFilter(third_party_to_file)
     return handler
 
 

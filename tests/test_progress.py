@@ -35,3 +35,34 @@ def test_counting_by_hand_and_disabled(caplog: pytest.LogCaptureFixture) -> None
     ]
     caplog.clear()
     assert list(progress(range(3), desc="quiet", disable=True)) == [0, 1, 2] and not caplog.records
+
+
+def test_library_warnings_go_to_the_log_file_not_the_console(tmp_path) -> None:
+    """A command's own lines stay on the console; Python warnings and libraries' log records below ERROR go to
+    $EDGESR_LOG, and one line says how many."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import logging, warnings\n"
+        "from edgesr.errors import run_cli\n"
+        "def main(argv):\n"
+        "    warnings.warn('a deprecated thing', FutureWarning)\n"
+        "    logging.getLogger('torchao').warning('Failed to load a CUDA kernel')\n"
+        "    logging.getLogger('torchao').error('a real library error')\n"
+        "    logging.getLogger('convert').info('wrote the manifest')\n"
+        "    return 0\n"
+        "raise SystemExit(run_cli(main, []))\n"
+    )
+    log = tmp_path / "w.log"
+    env = {**os.environ, "EDGESR_LOG": str(log)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote the manifest" in proc.stderr and "a real library error" in proc.stderr
+    assert "deprecated" not in proc.stderr and "CUDA kernel" not in proc.stderr
+    assert f"(2 library warning(s) logged to {log})" in proc.stderr
+    text = log.read_text()
+    assert "a deprecated thing" in text and "Failed to load a CUDA kernel" in text
