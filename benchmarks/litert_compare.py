@@ -12,9 +12,9 @@ nothing; --out keeps the raw figures as JSON.
 
     python benchmarks/litert_compare.py runs/demo/convert runs/demo/convert-unpruned --rounds 3 --out runs/litert
 
-The runner resets VmHWM per phase (clear_refs), which also resets the kernel's ru_maxrss: /usr/bin/time then sees
-the peak since the last reset only. So the runner is also run with `memory_phases: process` (no resets in the
-measured process), the mode whose whole-run figure /usr/bin/time can check; both are printed.
+The runner measures memory per phase by resetting VmHWM (clear_refs) where the kernel allows it, else with one
+process per phase; it is run both ways (`memory_phases` auto and process), and both figures are printed against
+/usr/bin/time's.
 """
 
 from __future__ import annotations
