@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run artifacts on targets, score them, check budgets, write the report",
         description="Run TFLite artifacts on targets (concurrently, one thread per device), score their SR outputs "
         "on the host, check budgets, append each measurement to <out>/results.jsonl, write <out>/report.json, "
-        "report.md and three Pareto plots. Re-running resumes from results.jsonl unless --fresh. Exit codes: 0 all "
-        "budgets pass; 1 a budget fails; 2 bad usage or input; 3 a target failed.",
+        "report.md and the plots (Pareto, tile sweep). Re-running resumes from results.jsonl unless --fresh. "
+        "Exit codes: 0 all budgets pass; 1 a budget fails; 2 bad usage or input; 3 a target failed.",
     )
     b.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT", help=".tflite, convert folder or manifest")
     b.add_argument("--out", type=Path, required=True, help="output folder for report.json/.md/.png and jobs/")
