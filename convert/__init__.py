@@ -9,3 +9,15 @@
 
 Submodules are imported on use: `import convert` alone stays cheap.
 """
+
+import logging
+import os
+
+
+def quiet_converters() -> None:
+    """The converters narrate every pass; edgesr logs one line per artifact instead. Call before they import."""
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass progress bars
+    logging.getLogger("coremltools").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # litert-torch calls logging.info() on the root logger per op
+        handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)

@@ -44,11 +44,10 @@ Exit codes: 0 done, 1 a parity check failed (nothing written), 2 bad input (noth
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from convert import quiet_converters
 from edgesr.errors import ArgumentParser, run_cli
 
 DEFAULT_FORMATS = "tflite,coreml"
@@ -95,18 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_converters() -> None:
-    """The converters narrate every pass; this command logs one line per artifact instead."""
-    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass progress bars
-    logging.getLogger("coremltools").setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:  # litert-torch calls logging.info() on the root logger per op
-        handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_converters()
+    quiet_converters()
     # torch and the converters load only past --help
     from compress.intake import spec_from_args
     from convert.pipeline import parse_formats, parse_precisions

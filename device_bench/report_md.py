@@ -13,7 +13,7 @@ from device_bench.report import EMULATED_NOTE, MEMORY_SPREAD_MB, PSNR_TIE_DB, ti
 _PARETO_SHORT = {"psnr_vs_size": "size", "psnr_vs_peak_rss": "memory", "psnr_vs_latency": "frame latency"}
 
 
-def _f(x: float | None, digits: int = 1) -> str:
+def number(x: float | None, digits: int = 1) -> str:
     """A number to `digits` decimals; "—" for none; never "-0.0"."""
     if x is None:
         return "—"
@@ -23,7 +23,7 @@ def _f(x: float | None, digits: int = 1) -> str:
     return f"{0.0 if x == 0 else x:.{digits}f}"
 
 
-def _signed(x: float | None, digits: int = 2) -> str:
+def signed(x: float | None, digits: int = 2) -> str:
     """A signed number ("+0.12", "-0.12"), zero unsigned ("0.00")."""
     if x is None:
         return "—"
@@ -51,14 +51,18 @@ def _failure_line(f: dict[str, Any]) -> str:
     tile = f" (tile {f['tile'][0]})" if f.get("tile") else ""
     what = f"`{f['model']}` {f['artifact']}{tile} on `{f['target']}`: {f['budget']} ({LABELS[f['budget']]})"
     if f["value"] is None:
-        return f"- {what}: no measured value (limit {_f(f['limit'], 2)} {unit})"
+        return f"- {what}: no measured value (limit {number(f['limit'], 2)} {unit})"
     limit, value, by = f["limit"], f["value"], f["by"]
     if f["budget"].startswith("max_"):
         rel = f" ({by / limit * 100:.1f}% over)" if limit > 0 else ""
         return (
-            f"- {what}: measured {_f(value, 2)} {unit} > limit {_f(limit, 2)} {unit}, over by {_f(by, 2)} {unit}{rel}"
+            f"- {what}: measured {number(value, 2)} {unit} > limit {number(limit, 2)} {unit}, "
+            f"over by {number(by, 2)} {unit}{rel}"
         )
-    return f"- {what}: measured {_f(value, 3)} {unit} < minimum {_f(limit, 3)} {unit}, short by {_f(by, 3)} {unit}"
+    return (
+        f"- {what}: measured {number(value, 3)} {unit} < minimum {number(limit, 3)} {unit}, "
+        f"short by {number(by, 3)} {unit}"
+    )
 
 
 # info() keys shown first in the environment block (targets.DEVICE_FACTS among them), with their labels; any other
@@ -137,13 +141,13 @@ def _results_table(rows: list[dict[str, Any]], bicubic: float | None, emulated: 
         pareto = ", ".join(_PARETO_SHORT[k] for k, on in (r.get("pareto") or {}).items() if on)
         download = r.get("download_bytes")
         lines.append(
-            _name(r) + f"| {_f(r['size_bytes'] / 1024)} | {_f(download / 1024 if download else None)} "
-            f"| {_f(r['peak_rss_mb'])} | {_f(r.get('frame_ms_median'))} / {_f(r.get('frame_ms_p90'))} "
-            f"| {_f(r.get('fps'), 2)} | {_f(r['psnr_y_db'], 3)} | {_signed(r['psnr_delta_vs_torch_db'])} "
-            f"| {_f(r['ssim_y'], 4)} | {pareto or '—'} | {_budget_cell(r)} |"
+            _name(r) + f"| {number(r['size_bytes'] / 1024)} | {number(download / 1024 if download else None)} "
+            f"| {number(r['peak_rss_mb'])} | {number(r.get('frame_ms_median'))} / {number(r.get('frame_ms_p90'))} "
+            f"| {number(r.get('fps'), 2)} | {number(r['psnr_y_db'], 3)} | {signed(r['psnr_delta_vs_torch_db'])} "
+            f"| {number(r['ssim_y'], 4)} | {pareto or '—'} | {_budget_cell(r)} |"
         )
     if bicubic is not None:
-        lines.append(f"| bicubic (reference) | — | — | — | — | — | — | — | {_f(bicubic, 3)} | — | — | — | — |")
+        lines.append(f"| bicubic (reference) | — | — | — | — | — | — | — | {number(bicubic, 3)} | — | — | — | — |")
     return lines
 
 
@@ -159,12 +163,12 @@ def _frame_table(rows: list[dict[str, Any]], emulated: bool) -> list[str]:
         tiles = r.get("tiles_per_frame")
         predicted = tiles * r["latency_ms_median"] if tiles else None
         pct = r.get("frame_vs_tiles_pct")
-        vs = "—" if pct is None else f"{_signed(pct, 1)} %"
+        vs = "—" if pct is None else f"{signed(pct, 1)} %"
         lines.append(
-            _name(r) + f"| {_frame(r)} | {_f(tiles, 0) if tiles else '—'} | {_f(r['latency_ms_median'], 2)} "
-            f"| {_f(predicted)} | {_f(r.get('frame_ms_median'))} | {_f(r.get('frame_invoke_ms_median'))} "
-            f"| {_f(r.get('frame_outside_invoke_ms_median'), 2)} | {vs} "
-            f"| {_f(r['first_inference_ms'], 2)} | {_f(r['load_ms'])} |"
+            _name(r) + f"| {_frame(r)} | {number(tiles, 0) if tiles else '—'} | {number(r['latency_ms_median'], 2)} "
+            f"| {number(predicted)} | {number(r.get('frame_ms_median'))} | {number(r.get('frame_invoke_ms_median'))} "
+            f"| {number(r.get('frame_outside_invoke_ms_median'), 2)} | {vs} "
+            f"| {number(r['first_inference_ms'], 2)} | {number(r['load_ms'])} |"
         )
     return lines
 
@@ -185,9 +189,9 @@ def _sweep_table(rows: list[dict[str, Any]]) -> list[str]:
         for r in sorted(group, key=lambda r: r["tile"][0] * r["tile"][1]):
             tiles = r.get("tiles_per_frame")
             lines.append(
-                _name(r) + f"| {_f(tiles, 0) if tiles else '—'} | {_f(r['peak_rss_mb'])} "
-                f"| {_f(r.get('frame_ms_median'))} / {_f(r.get('frame_ms_p90'))} | {_f(r.get('fps'), 2)} "
-                f"| {_f(r['psnr_y_db'], 3)} |"
+                _name(r) + f"| {number(tiles, 0) if tiles else '—'} | {number(r['peak_rss_mb'])} "
+                f"| {number(r.get('frame_ms_median'))} / {number(r.get('frame_ms_p90'))} | {number(r.get('fps'), 2)} "
+                f"| {number(r['psnr_y_db'], 3)} |"
             )
     return lines
 
@@ -203,7 +207,7 @@ def _memory_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         cells = [_phase(r, phase, field) for phase, field in phases] + [r.get("peak_rss_mb"), r.get("run_peak_rss_mb")]
         method = (r.get("memory") or {}).get("method", "—")
-        lines.append(_name(r) + "| " + " | ".join(_f(c) for c in cells) + f" | {method} |")
+        lines.append(_name(r) + "| " + " | ".join(number(c) for c in cells) + f" | {method} |")
     return lines
 
 
@@ -216,8 +220,9 @@ def _budget_table(rows: list[dict[str, Any]]) -> list[str]:
         for key, v in r["budgets"].items():
             unit, digits = v["unit"], 3 if v["unit"] == "dB" else 2
             lines.append(
-                _name(r) + f"| {key} ({LABELS[key]}) | {_f(v['limit'], digits)} {unit} | {_f(v['value'], digits)} "
-                f"{unit} | {_signed(v.get('delta'), digits)} {unit} | {_signed(v.get('delta_pct'), 1)} % "
+                _name(r)
+                + f"| {key} ({LABELS[key]}) | {number(v['limit'], digits)} {unit} | {number(v['value'], digits)} "
+                f"{unit} | {signed(v.get('delta'), digits)} {unit} | {signed(v.get('delta_pct'), 1)} % "
                 f"| {'pass' if v['pass'] else '**FAIL**'} |"
             )
     return lines

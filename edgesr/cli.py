@@ -1,4 +1,4 @@
-"""`edgesr`: one front door to the stages. `edgesr compress|convert|bench|report ...` (each has --help).
+"""`edgesr`: one front door to the stages. `edgesr compress|convert|bench|report|fit ...` (each has --help).
 
 The stages are also runnable as modules: `python -m compress`, `python -m convert`, `python -m device_bench`.
 """
@@ -14,6 +14,7 @@ STAGES = {
     "convert": ("convert.cli", [], "convert a checkpoint to TFLite and Core ML, dense and sparse, with parity checks"),
     "bench": ("device_bench.cli", ["bench"], "measure TFLite artifacts on targets against budgets; write the report"),
     "report": ("device_bench.cli", ["report"], "re-render report.md and the plot from a report.json folder"),
+    "fit": ("fit.cli", [], "the largest pruned artifact that passes per-frame budgets on every target, measured there"),
 }
 
 USAGE = (

@@ -64,7 +64,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
 
 # Loggers whose records stay on the console: edgesr's packages, and the root logger (which the converters' own
 # progress uses; convert filters that separately).
-OWN_LOGGERS = frozenset({"edgesr", "compress", "convert", "device_bench", "android_harness", "root", "py"})
+OWN_LOGGERS = frozenset({"edgesr", "compress", "convert", "device_bench", "fit", "android_harness", "root", "py"})
 
 
 def warnings_log_path() -> Path:

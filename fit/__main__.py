@@ -1,0 +1,3 @@
+from fit.cli import entry
+
+raise SystemExit(entry())

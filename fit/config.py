@@ -1,0 +1,76 @@
+"""What a fit takes: the model, the targets, the budgets with their workloads, and how much to spend. Defaults live
+here and only here (the CLI's help reads them)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compress.intake import ModelSpec
+from convert.tflite import PRECISIONS as TFLITE_PRECISIONS
+from edgesr.errors import BadInput
+
+METHODS = ("channel-l1",)  # how a chosen shape is reached: L1 cut at its widths, then distilled fine-tuning
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    model: ModelSpec
+    out: Path
+    budgets: Path
+    targets: tuple[str, ...] = ("local",)
+    targets_file: Path | None = None
+    frame: str | None = None  # overrides the budgets file's workload frame (WxH) for every target
+    tiles: str | None = None  # overrides its tiles ("128,256,frame")
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    keeps: tuple[float, ...] = (1.0, 0.75, 0.5, 0.375, 0.25)  # keep fractions measured in the shape stage
+    round_to: tuple[int, ...] = (4, 8)  # width families: channels rounded up to a multiple of each
+    min_channels: int = 4
+    margin: float = 0.05  # a shape is chosen only when its predicted figures meet every budget by this share
+    method: str = "channel-l1"
+    steps: int = 1000  # the training budget of one candidate (fine-tuning steps)
+    data: str = "bundled"
+    test_set: str = "sporco"  # PSNR of trained candidates (min_psnr_db)
+    measure_test_set: str = "butterfly"  # the quality pass of the shape stage (untrained weights: PSNR unused)
+    degradation: str = "pillow"
+    runs: int = 5  # frames per measurement (at least)
+    warmup: int = 2
+    min_seconds: float = 1.0  # and at least this long
+    threads: int = 1
+    attempts: int = 3  # shapes trained per target when a final measurement misses a budget the model predicted
+    seed: int = 0
+    device: str = "auto"  # where training runs: auto, cpu, cuda or cuda:N
+    storage: str | None = None  # an Optuna storage URL; None: sqlite:///<out>/trials.db
+    device_python: Path | None = None
+    timeout_s: float = 1800.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise BadInput("--targets is empty")
+        bad = [p for p in self.precisions if p not in TFLITE_PRECISIONS]
+        if bad or not self.precisions:
+            raise BadInput(f"--precisions: unknown '{bad[0] if bad else ''}'; known: {', '.join(TFLITE_PRECISIONS)}")
+        if not self.keeps or any(not (math.isfinite(k) and 0 < k <= 1) for k in self.keeps):
+            raise BadInput(f"--keeps: each keep fraction must be in (0, 1], got {list(self.keeps)}")
+        if not self.round_to or any(not 1 <= r <= 256 for r in self.round_to):
+            raise BadInput(f"--round-to: each width multiple must be 1..256, got {list(self.round_to)}")
+        if self.method not in METHODS:
+            raise BadInput(f"--method: unknown '{self.method}'; known: {', '.join(METHODS)}")
+        checks = [
+            ("margin", math.isfinite(self.margin) and 0 <= self.margin < 1, "in [0, 1)"),
+            ("steps", 1 <= self.steps <= 10_000_000, "1..10000000"),
+            ("runs", 1 <= self.runs <= 10_000, "1..10000"),
+            ("warmup", 0 <= self.warmup <= 1000, "0..1000"),
+            ("min_seconds", math.isfinite(self.min_seconds) and 0 <= self.min_seconds <= 3600, "0..3600"),
+            ("threads", self.threads >= 1 or self.threads == -1, ">= 1 or -1"),
+            ("attempts", 1 <= self.attempts <= 20, "1..20"),
+            ("min_channels", 1 <= self.min_channels <= 4096, "1..4096"),
+            ("timeout_s", math.isfinite(self.timeout_s) and self.timeout_s > 0, "> 0"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise BadInput(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)}")
+        if self.out.exists() and not self.out.is_dir():
+            raise BadInput(f"{self.out}: --out exists and is not a folder")

@@ -1,0 +1,363 @@
+"""`run_fit`: shapes measured on every target first, the largest that fits chosen per target, then trained,
+converted and measured there; every step a cached trial (`fit.trials`).
+
+1. Shape stage. The L1 cut of the model at each keep fraction (`--keeps`) of each width family (`--round-to`)
+   is converted (TFLite, every precision and workload tile) and benched on every target at its workload with its
+   untrained weights: latency, memory and size depend on the shape, not the weights.
+2. Selection. Per target, precision and tile, the shape model (`fit.predict`) predicts every shape of the family;
+   the largest whose predictions meet every budget with `--margin` is chosen (`fit.select`).
+3. Training. The chosen shape's L1 cut is fine-tuned for `--steps`, distilled from the unpruned model; one run per
+   shape, shared by the targets that choose it.
+4. Final measurement. The trained net is converted at the chosen precision and tile and benched on the target
+   with the real test set; every budget, `min_psnr_db` included, is checked on what was measured. A miss the
+   model did not predict moves to the next candidate (`--attempts`); a PSNR miss ends the target's search with
+   the budget that binds and what the nearest feasible point costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from compress.data import TrainingSet
+from compress.intake import load_model
+from compress.pruning.coupling import find_groups
+from compress.pruning.layers import check_known_layers
+from device_bench import budgets as budgets_mod
+from device_bench.targets import make_targets
+from edgesr.datasets import load_test_set
+from edgesr.errors import EXIT_BUDGET_FAILED, EXIT_OK, BadInput, TargetFailed
+from edgesr.manifest import new_manifest, sha256
+from edgesr.progress import progress
+from edgesr.workload import Workload, tile_label
+from fit import select, stages
+from fit.config import FitConfig
+from fit.predict import relative_error
+from fit.shapes import Shape, ShapeSpace
+from fit.trials import TrialStore, default_storage, key_id
+
+log = logging.getLogger("fit")
+
+
+def _workloads(cfg: FitConfig, budgets: budgets_mod.Budgets) -> dict[str, Workload]:
+    out = {}
+    for t in cfg.targets:
+        wl = budgets.workload_for(t, cfg.frame, cfg.tiles)
+        if wl.frame is None:
+            raise BadInput(
+                f"{cfg.budgets}: the fit needs the workload's LR frame for target {t} "
+                "(workload: {frame: WxH} in the budgets file, or --frame WxH)"
+            )
+        if not wl.tiles:
+            wl = Workload(frame=wl.frame, tiles=(128,))
+        out[t] = wl
+    return out
+
+
+class Fit:
+    def __init__(self, cfg: FitConfig) -> None:
+        self.cfg = cfg
+        self.budgets = budgets_mod.load_budgets(cfg.budgets)
+        if not any(self.budgets.for_target(t) for t in cfg.targets):
+            raise BadInput(f"{cfg.budgets}: no budget applies to {', '.join(cfg.targets)}: nothing to fit")
+        make_targets(list(cfg.targets), cfg.device_python, cfg.timeout_s, "auto", cfg.targets_file)  # validates
+        self.workloads = _workloads(cfg, self.budgets)
+        self.loaded = load_model(cfg.model)
+        if self.loaded.recipe is None:
+            raise BadInput(f"{cfg.model.origin}: a .pt2 cannot be pruned or trained; give the model it came from")
+        check_known_layers(self.loaded.model, cfg.model.origin)
+        # every input checked before slow work: both test sets and the training data load now
+        self.test_pairs = load_test_set(cfg.test_set, self.loaded.scale, cfg.degradation)
+        load_test_set(cfg.measure_test_set, self.loaded.scale, cfg.degradation)
+        self.images = TrainingSet.from_source(cfg.data, self.loaded.scale, cfg.degradation)
+        try:
+            self.space = ShapeSpace(
+                self.loaded.model, find_groups(self.loaded.model), self.loaded.scale, cfg.min_channels
+            )
+        except ValueError as exc:
+            raise BadInput(f"{cfg.model.origin}: {exc}") from None
+        self.digest = stages.model_digest(self.loaded.model)
+        self.target_ids = {t: self._target_id(t) for t in cfg.targets}
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        self.store = TrialStore(cfg.storage or default_storage(cfg.out))
+
+    def trial_dir(self, key: dict[str, Any]) -> Path:
+        """Where a trial writes its files (absolute: the store may be read from another working directory)."""
+        return self.cfg.out.absolute() / "trials" / key_id(key)
+
+    def _target_id(self, name: str) -> dict[str, Any]:
+        tf = self.cfg.targets_file
+        return {"name": name, "targets_file": sha256(tf) if tf else None}
+
+    def _tiles(self) -> tuple[int | str, ...]:
+        """Every tile any target's workload allows (one artifact set serves all targets)."""
+        seen: dict[Any, None] = {}
+        for wl in self.workloads.values():
+            for t in wl.tiles:
+                seen.setdefault(t, None)
+        return tuple(seen)
+
+    def _frame_of_tiles(self) -> Any:
+        frames = {wl.frame for wl in self.workloads.values()}
+        return next(iter(frames)) if len(frames) == 1 else None
+
+    # ------------------------------------------------------------------ cached units of work
+
+    def artifacts(self, shape: Shape, checkpoint_of: Any, digest: str, tag: str) -> dict[str, Any]:
+        """Convert (cached): `checkpoint_of()` gives the checkpoint path when the trial has to run."""
+        tiles = self._tiles()
+        frames = sorted({wl.frame for wl in self.workloads.values()})
+        if "frame" in tiles and len(frames) > 1:
+            raise BadInput("tile 'frame' needs one frame size for every target (their workloads differ)")
+        key = {"kind": "convert", "model": digest, "tiles": list(map(str, tiles)), "frame": frames[0]}
+        key["precisions"] = list(self.cfg.precisions)
+        folder = self.trial_dir(key) / "convert"
+
+        def work() -> dict[str, Any]:
+            wl = Workload(frame=frames[0], tiles=tiles)
+            name = f"{self.loaded.name}-{tag}"
+            return stages.make_artifacts(checkpoint_of(), folder, name, tiles, wl, self.cfg.precisions)
+
+        return self.store.run(key, work)
+
+    def measure(self, folder: str, digest: str, target: str, test_set: str) -> dict[str, Any]:
+        wl = self.workloads[target]
+        key = {
+            "kind": "measure",
+            "model": digest,
+            "target": self.target_ids[target],
+            "workload": wl.to_dict(),
+            "test_set": test_set,
+            "precisions": list(self.cfg.precisions),
+            "settings": {k: getattr(self.cfg, k) for k in ("runs", "warmup", "min_seconds", "threads")},
+        }
+        out = self.trial_dir(key) / "bench"
+
+        def work() -> dict[str, Any]:
+            result = stages.measure(Path(folder), out, self.cfg, target, wl, test_set)
+            if result["failed"]:
+                raise TargetFailed(result["failed"][0]["reason"])
+            return {**result, "bench": str(out)}
+
+        return self.store.run(key, work, value="frame_ms_p90")
+
+    def shape_checkpoint(self, shape: Shape) -> Path:
+        path = self.cfg.out / "shapes" / shape.id
+        return stages.save_model(self.space.compact(shape), self.loaded, path, shape)
+
+    def trained(self, shape: Shape) -> dict[str, Any]:
+        key = {
+            "kind": "train",
+            "model": self.digest,
+            "shape": shape.to_dict()["kept"],
+            "method": self.cfg.method,
+            "steps": self.cfg.steps,
+            "data": self.cfg.data,
+            "test_set": self.cfg.test_set,
+            "seed": self.cfg.seed,
+        }
+        out = self.trial_dir(key) / "train"
+
+        def work() -> dict[str, Any]:
+            compact = self.space.compact(shape)
+            return stages.train_shape(compact, self.loaded, shape, self.cfg, out, self.test_pairs, self.images)
+
+        return self.store.run(key, work, value="psnr_y_db")
+
+    # ------------------------------------------------------------------ the stages
+
+    def shape_stage(self) -> tuple[dict[int, list[Shape]], dict[str, dict[str, list[dict[str, Any]]]]]:
+        families = {r: [self.space.shape(k, r) for k in self.cfg.keeps] for r in self.cfg.round_to}
+        unique = {s.id: s for fam in families.values() for s in fam}
+        log.info(
+            "shape stage: %d shapes (%s) x %d precisions x %d tiles on %s",
+            len(unique),
+            ", ".join(s.label() for s in sorted(unique.values(), key=lambda s: -s.fraction)),
+            len(self.cfg.precisions),
+            len(self._tiles()),
+            ", ".join(self.cfg.targets),
+        )
+        rows: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in self.cfg.targets}
+        bar = progress(None, desc="fit: shapes", total=len(unique) * len(self.cfg.targets), unit="shape")
+        for shape in unique.values():
+            if shape.dense:  # the model itself: its artifacts serve the final measurement too
+                digest, art = self.digest, self.artifacts(shape, self._dense_checkpoint, self.digest, "dense")
+            else:  # the L1 cut of a known model at known widths
+                digest = f"{self.digest}:{shape.id}:l1"
+                art = self.artifacts(shape, lambda s=shape: self.shape_checkpoint(s), digest, f"shape-{shape.id}")
+            for t in self.cfg.targets:
+                rows[t][shape.id] = self.measure(art["folder"], digest, t, self.cfg.measure_test_set)["rows"]
+                bar.update()
+        bar.close()
+        return families, rows
+
+    def select_target(
+        self, target: str, families: dict[int, list[Shape]], rows: dict[str, list[dict[str, Any]]]
+    ) -> tuple[list[select.Candidate], dict[str, Any]]:
+        limits = self.budgets.for_target(target)
+        sizes = self.workloads[target].tile_sizes() or []
+        cands, curves = [], {}
+        for r, family in families.items():
+            smallest = min(s.fraction for s in family)  # the shape model interpolates; it never extrapolates
+            grid = [s for s in self.space.grid(r) if s.fraction >= smallest - 1e-9]
+            for precision in self.cfg.precisions:
+                for tile in sizes:
+                    tile = tuple(tile)
+                    c = select.curves_for(rows, family, precision, tile)
+                    if not c:
+                        continue
+                    curves[f"round_to {r}, {precision}, tile {tile_label(tile)}"] = {
+                        f: {"coef": [round(x, 6) for x in cv.coef], "loo_error": cv.loo_error} for f, cv in c.items()
+                    }
+                    cands += select.candidates(grid, c, precision, tile, limits, self.cfg.margin, rows)
+        unique: dict[tuple, select.Candidate] = {}
+        for c in cands:  # one shape from two families: the same candidate
+            unique.setdefault((c.shape.id, c.precision, c.tile), c)
+        return list(unique.values()), curves
+
+    def final(self, target: str, cands: list[select.Candidate]) -> dict[str, Any]:
+        limits = self.budgets.for_target(target)
+        order = select.ranked(cands)
+        outcome: dict[str, Any] = {"attempts": []}
+        if not order:
+            near = select.nearest(cands)
+            worst = max(near.violations.items(), key=lambda kv: kv[1]["excess"])
+            outcome.update(
+                status="none",
+                binding=sorted(near.violations),
+                nearest=near.to_dict(),
+                reason=(
+                    f"no shape meets the budgets on {target}: the nearest, {near.label()}, has {worst[0]} "
+                    f"{worst[1]['value']:.1f} (predicted) against a limit of {worst[1]['limit']:g} "
+                    f"(+{worst[1]['excess']:.0%} with the {self.cfg.margin:.0%} margin)"
+                ),
+            )
+            return outcome
+        for c in order[: self.cfg.attempts]:
+            if c.shape.dense:
+                ckpt, psnr, run = None, self.loaded.source.get("psnr_y_db"), None
+                digest = self.digest
+                art = self.artifacts(c.shape, self._dense_checkpoint, digest, "dense")
+            else:
+                run = self.trained(c.shape)
+                ckpt, psnr = Path(run["checkpoint"]), run["psnr_y_db"]
+                digest = stages.model_digest(load_model_from(ckpt))
+                art = self.artifacts(c.shape, lambda p=ckpt: p, digest, f"fit-{c.shape.id}")
+            measured = self.measure(art["folder"], digest, target, self.cfg.test_set)
+            row = next(
+                (r for r in measured["rows"] if r["precision"] == c.precision and tuple(r["tile"]) == c.tile), None
+            )
+            if row is None:
+                raise TargetFailed(f"target {target}: no measurement of {c.label()} came back")
+            checks = budgets_mod.check(self.budgets, target, row)
+            attempt = {
+                "candidate": c.to_dict(),
+                "train": run,
+                "row": row,
+                "budgets": checks,
+                "pass": all(v["pass"] for v in checks.values()),
+                "prediction_error": {
+                    f: relative_error(c.predicted.get(f), row.get(f)) for f in ("frame_ms_p90", "peak_rss_mb")
+                },
+                "artifact_folder": art["folder"],
+                "bench": measured["bench"],
+                "torch_psnr_y_db": psnr,
+            }
+            outcome["attempts"].append(attempt)
+            failed = [k for k, v in checks.items() if not v["pass"]]
+            # what stops the shape growing: the next larger one's predicted misses, and what larger attempts
+            # missed as measured
+            bind = sorted(
+                set(select.binding(c, cands))
+                | {k for a in outcome["attempts"][:-1] for k, v in a["budgets"].items() if not v["pass"]}
+                - {"min_psnr_db"}
+            )
+            if not failed:
+                outcome.update(status="pass", chosen=attempt, binding=bind)
+                return outcome
+            if failed == ["min_psnr_db"]:
+                cost = limits["min_psnr_db"] - (row.get("psnr_y_db") or 0.0)
+                outcome.update(
+                    status="quality",
+                    binding=bind,
+                    reason=(
+                        f"on {target}, the largest shape within the budgets ({c.label()}) reaches "
+                        f"{row.get('psnr_y_db', 0):.3f} dB < min_psnr_db {limits['min_psnr_db']:g} after "
+                        f"{self.cfg.steps} steps; {', '.join(bind) or 'no budget'} binds; the nearest feasible "
+                        f"point costs {cost:.3f} dB"
+                    ),
+                    nearest=c.to_dict(),
+                )
+                return outcome
+            log.warning("%s: %s missed %s as measured; trying the next candidate", target, c.label(), failed)
+        outcome.update(
+            status="none",
+            binding=sorted({k for a in outcome["attempts"] for k, v in a["budgets"].items() if not v["pass"]}),
+            reason=f"on {target}, the {len(outcome['attempts'])} best predicted candidates missed budgets as measured",
+        )
+        return outcome
+
+    def _dense_checkpoint(self) -> Path:
+        shape = self.space.shape(1.0, 1)
+        return stages.save_model(self.loaded.model, self.loaded, self.cfg.out / "shapes" / "dense", shape)
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        families, rows = self.shape_stage()
+        targets = {}
+        for t in self.cfg.targets:
+            cands, curves = self.select_target(t, families, rows[t])
+            log.info("%s: %d candidates, %d feasible by prediction", t, len(cands), len(select.ranked(cands)))
+            outcome = self.final(t, cands)
+            targets[t] = {
+                "workload": self.workloads[t].to_dict(),
+                "budgets": self.budgets.for_target(t),
+                "curves": curves,
+                "candidates": [c.to_dict() for c in sorted(cands, key=select.Candidate.order)],
+                **outcome,
+            }
+            if outcome["status"] == "pass":
+                self._publish(t, outcome["chosen"])
+        return new_manifest(
+            "fit",
+            model=self.loaded.name,
+            source=self.loaded.source,
+            settings=settings(self.cfg),
+            budgets=self.budgets.to_dict(),
+            targets=targets,
+            trials={"storage": self.store.storage, "ran": len(self.store.ran), "reused": len(self.store.reused)},
+            seconds=round(time.monotonic() - t0, 1),
+        )
+
+    def _publish(self, target: str, chosen: dict[str, Any]) -> None:
+        """`<out>/<target>/`: the chosen artifact's convert folder and its bench report."""
+        dest = self.cfg.out / target
+        staging = self.cfg.out / f".{target}.publish"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(chosen["artifact_folder"], staging / "artifact")
+        shutil.copytree(chosen["bench"], staging / "bench")
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.rename(dest)
+        chosen["published"] = str(dest)
+
+
+def load_model_from(path: Path) -> Any:
+    from compress.intake import ModelSpec
+
+    return load_model(ModelSpec(checkpoint=path)).model
+
+
+def settings(cfg: FitConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    d["model"] = {"origin": cfg.model.origin}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def exit_code(record: dict[str, Any]) -> int:
+    statuses = [t["status"] for t in record["targets"].values()]
+    return EXIT_OK if all(s == "pass" for s in statuses) else EXIT_BUDGET_FAILED

@@ -1,0 +1,160 @@
+"""The fit's units of work, each one cached trial: make a shape's artifacts, measure them on a target, train a shape.
+
+Each function takes what determines its result and returns a JSON-able record; `search` keys the trials.
+The stages are the project's own: `compress.train` for fine-tuning, `convert.tiles` for artifacts, and
+`device_bench.run_bench` for measurements, so a fit's figures are exactly what `bench` would report.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.checkpoint import save_checkpoint
+from compress.data import PatchSampler, TrainingSet
+from compress.evaluate import evaluate, model_stats
+from compress.intake import LoadedModel, ModelSpec
+from compress.pruning.methods.channel_l1 import ChannelL1FineTune
+from compress.train import FINETUNE, TrainData, finetune_lr, train
+from convert.tiles import convert_tiles
+from device_bench.bench import BenchConfig, run_bench
+from edgesr.manifest import new_manifest
+from edgesr.workload import Workload
+from fit.config import FitConfig
+from fit.shapes import Shape
+
+log = logging.getLogger("fit")
+
+# the row fields a fit keeps of each bench row (the whole row stays in the trial's bench folder)
+ROW_FIELDS = (
+    "model", "precision", "encoding", "artifact", "artifact_path", "sha256", "target", "emulated", "tile",
+    "frame", "size_bytes", "download_bytes", "peak_rss_mb", "frame_ms_median", "frame_ms_p90", "fps",
+    "latency_ms_median", "psnr_y_db", "psnr_delta_vs_torch_db", "threads", "runtime", "delegate",
+)  # fmt: skip
+
+
+def model_digest(model: nn.Module) -> str:
+    """What the weights and shapes of `model` are, as a digest (the same model gives the same digest anywhere)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_model(
+    model: nn.Module, loaded: LoadedModel, out: Path, shape: Shape, extra: dict[str, Any] | None = None
+) -> Path:
+    """An edgesr checkpoint of a compact net (rebuilds from the intake's recipe and its recorded shapes)."""
+    manifest = new_manifest(
+        "checkpoint",
+        model=loaded.recipe,
+        name=f"{loaded.name}-fit-{shape.id}",
+        source=loaded.source,
+        stats=model_stats(model, loaded.scale),
+        scale=loaded.scale,
+        fit={"shape": shape.to_dict()},
+        **(extra or {}),
+    )
+    return save_checkpoint(out, model, manifest, recipe=loaded.recipe)
+
+
+def make_artifacts(
+    checkpoint: Path, out: Path, name: str, tiles: tuple[int | str, ...], workload: Workload, precisions: tuple
+) -> dict[str, Any]:
+    """TFLite files of `checkpoint` for every tile (one tile-<size>/ folder each when several), every precision."""
+    if out.exists():  # a killed earlier attempt: convert publishes whole folders, but not over a stale one
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    manifests = convert_tiles(
+        ModelSpec(checkpoint=checkpoint), out, tiles, workload.frame, ("tflite",), precisions, name=name
+    )
+    return {
+        "folder": str(out),
+        "artifacts": [
+            {
+                "file": a["file"],
+                "precision": a["precision"],
+                "size_bytes": a["size_bytes"],
+                "tile": [m["tile"]["height"], m["tile"]["width"]],
+            }
+            for m in manifests
+            for a in m["artifacts"]
+        ],
+    }
+
+
+def measure(folder: Path, out: Path, cfg: FitConfig, target: str, workload: Workload, test_set: str) -> dict[str, Any]:
+    """Bench a convert folder on one target at its workload (every tile and precision in it); the report rows."""
+    tiles = ",".join(str(t) for t in workload.tiles) if workload.tiles else None
+    frame = f"{workload.frame[1]}x{workload.frame[0]}" if workload.frame else None
+    report = run_bench(
+        BenchConfig(
+            artifacts=(folder,),
+            out=out,
+            targets=(target,),
+            test_set=test_set,
+            degradation=cfg.degradation,
+            threads=cfg.threads,
+            warmup=cfg.warmup,
+            runs=cfg.runs,
+            timeout_s=cfg.timeout_s,
+            device_python=cfg.device_python,
+            targets_file=cfg.targets_file,
+            frame=frame,
+            tiles=tiles,
+            min_seconds=cfg.min_seconds,
+        )
+    )
+    failed = report.get("failed_targets") or []
+    rows = [{k: r.get(k) for k in ROW_FIELDS} for r in report["rows"]]
+    return {"rows": rows, "failed": failed, "environment": report.get("environment", {}).get(target, {})}
+
+
+def train_shape(
+    compact: nn.Module,
+    loaded: LoadedModel,
+    shape: Shape,
+    cfg: FitConfig,
+    out: Path,
+    test_pairs: list,
+    images: TrainingSet,
+) -> dict[str, Any]:
+    """Fine-tune the L1 cut of `shape` for the fit's training budget, distilled from the unpruned model; save it
+    with its torch Y-PSNR on the test set (resumes an interrupted run from `<out>/finetune`)."""
+    removed = 1.0 - shape.params_fraction
+    train_cfg = dataclasses.replace(
+        FINETUNE, steps=cfg.steps, lr=finetune_lr(removed), seed=cfg.seed, device=cfg.device
+    )
+    teacher = copy.deepcopy(loaded.model).eval()
+    sampler = PatchSampler(images, loaded.scale, train_cfg.lr_patch, train_cfg.batch_size, train_cfg.seed)
+    train_data = TrainData(sampler, loaded.scale, teacher, cfg.degradation)
+    torch.manual_seed(cfg.seed)
+    run = train(compact, train_data, train_cfg, out / "finetune", pruner=ChannelL1FineTune(), resume=True)
+    compact = compact.cpu().eval()
+    scores = evaluate(compact, test_pairs, loaded.scale)
+    psnr = scores["mean"]["psnr_y_db"]
+    path = save_model(
+        compact,
+        loaded,
+        out,
+        shape,
+        {
+            "psnr_y_db": psnr,
+            "ssim_y": scores["mean"]["ssim_y"],
+            "test_set": {"name": cfg.test_set, "degradation": cfg.degradation},
+            "train": {"config": dataclasses.asdict(train_cfg), "steps": run["steps"], "seconds": run["seconds"]},
+            "pruning": {"method": cfg.method, "shape": shape.to_dict()},
+        },
+    )
+    log.info("trained %s for %d steps: Y-PSNR %.3f dB on %s", shape.label(), run["steps"], psnr, cfg.test_set)
+    return {"checkpoint": str(path), "psnr_y_db": psnr, "steps": run["steps"], "seconds": run["seconds"]}
