@@ -40,14 +40,14 @@ TEST_SET ?= sporco
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help setup system-tools demo test test-vm test-all lint compress bench-prune convert bench report clean
+.PHONY: help setup system-tools demo test test-vm test-all lint compress bench-prune convert bench fit report clean
 
 help: ## list the targets
 	@echo "edgesr make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
 	@echo "knobs: METHOD TARGET (=SPARSITY) PARAMS WEIGHT_SPARSITY STEPS COMPRESS_ARGS CKPT MODEL WEIGHTS FACTORY_ARGS"
 	@echo "       OUT FORMATS PRECISION TILE (a side, a list or frame) FRAME (WxH)"
-	@echo "       ARTIFACTS BUDGETS TARGETS TARGETS_FILE TEST_SET"
+	@echo "       ARTIFACTS BUDGETS TARGETS TARGETS_FILE TEST_SET FIT_BUDGETS FIT_ARGS"
 	@echo "       PYTEST_ARGS BENCH_ARGS (see README)"
 
 setup: $(VENV)/.ok $(DEVICE_VENV)/.ok ## build the venvs (.venv, .venv-device) and fetch the pretrained weights
@@ -131,6 +131,14 @@ bench: setup ## bench ARTIFACTS on TARGETS against BUDGETS, report into OUT
 	$(PY) -m device_bench bench $(ARTIFACTS) --targets $(TARGETS) --test-set $(TEST_SET) \
 		$(if $(FRAME),--frame $(FRAME),) $(if $(filter file,$(origin TILE)),,--tile $(TILE)) \
 		$(if $(TARGETS_FILE),--targets-file $(TARGETS_FILE),) $(if $(BUDGETS),--budgets $(BUDGETS),) --out $(OUT)
+
+FIT_BUDGETS ?= configs/fit-budgets.yaml
+FIT_ARGS ?=
+fit: setup ## per target, the largest pruned artifact of CKPT (or MODEL) passing FIT_BUDGETS, measured there, into OUT/fit
+	$(PY) -m fit $(if $(MODEL),$(MODEL_FLAGS),--checkpoint $(CKPT)) --budgets $(FIT_BUDGETS) --targets $(TARGETS) \
+		$(if $(TARGETS_FILE),--targets-file $(TARGETS_FILE),) $(if $(FRAME),--frame $(FRAME),) \
+		$(if $(filter file,$(origin TILE)),,--tile $(TILE)) $(if $(filter file,$(origin STEPS)),,--steps $(STEPS)) \
+		--test-set $(TEST_SET) --out $(OUT)/fit $(FIT_ARGS)
 
 report: setup ## re-render OUT/report.md and the plot from OUT/report.json
 	$(PY) -m device_bench report $(OUT)

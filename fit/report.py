@@ -83,7 +83,7 @@ def _target_md(name: str, t: dict[str, Any], margin: float) -> list[str]:
             f"| {tile_label(c['tile'])} | {number(p.get('frame_ms_p90'), 1)} | {number(p.get('peak_rss_mb'), 1)} | "
             f"{number((p.get('size_bytes') or 0) / 1024, 1)} | {meas} | {why} |"
         )
-    lines += ["", "### Shape model (a + b k + c k², k = kept fraction; worst leave-one-out error)", ""]
+    lines += ["", "### Shape model (interpolation between measured shapes; worst leave-one-out error)", ""]
     lines += ["| family, precision, tile | frame p90 | peak memory | file size |", "|---|---|---|---|"]
     for option, curves in t["curves"].items():
         cells = [_pct((curves.get(f) or {}).get("loo_error")) for f in ("frame_ms_p90", "peak_rss_mb", "size_bytes")]
@@ -135,7 +135,7 @@ def _plot(path: Path, name: str, t: dict[str, Any]) -> bool:
             cv = curves.get(fig_key)
             if not cv:
                 continue
-            curve = Curve(tuple(cv["coef"]), None)
+            curve = Curve(tuple(tuple(k) for k in cv["knots"]), None)
             ks = [j / 50 for j in range(5, 51)]
             ax.plot(ks, [curve(k) * scale for k in ks], color=f"C{i % 10}", lw=1, label=option)
             pts = [

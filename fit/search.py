@@ -40,6 +40,7 @@ from fit.shapes import Shape, ShapeSpace
 from fit.trials import TrialStore, default_storage, key_id
 
 log = logging.getLogger("fit")
+MAX_REFINE = 6  # shapes measured after the shape stage, per target, to make the chosen one a measured shape
 
 
 def _workloads(cfg: FitConfig, budgets: budgets_mod.Budgets) -> dict[str, Workload]:
@@ -183,16 +184,36 @@ class Fit:
         rows: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in self.cfg.targets}
         bar = progress(None, desc="fit: shapes", total=len(unique) * len(self.cfg.targets), unit="shape")
         for shape in unique.values():
-            if shape.dense:  # the model itself: its artifacts serve the final measurement too
-                digest, art = self.digest, self.artifacts(shape, self._dense_checkpoint, self.digest, "dense")
-            else:  # the L1 cut of a known model at known widths
-                digest = f"{self.digest}:{shape.id}:l1"
-                art = self.artifacts(shape, lambda s=shape: self.shape_checkpoint(s), digest, f"shape-{shape.id}")
             for t in self.cfg.targets:
-                rows[t][shape.id] = self.measure(art["folder"], digest, t, self.cfg.measure_test_set)["rows"]
+                rows[t][shape.id] = self.measure_shape(shape, t)
                 bar.update()
         bar.close()
         return families, rows
+
+    def measure_shape(self, shape: Shape, target: str) -> list[dict[str, Any]]:
+        """The rows of one shape's artifacts (every precision and tile) on one target, untrained weights."""
+        if shape.dense:  # the model itself: its artifacts serve the final measurement too
+            digest, art = self.digest, self.artifacts(shape, self._dense_checkpoint, self.digest, "dense")
+        else:  # the L1 cut of a known model at known widths
+            digest = f"{self.digest}:{shape.id}:l1"
+            art = self.artifacts(shape, lambda: self.shape_checkpoint(shape), digest, f"shape-{shape.id}")
+        return self.measure(art["folder"], digest, target, self.cfg.measure_test_set)["rows"]
+
+    def refine(
+        self, target: str, families: dict[int, list[Shape]], rows: dict[str, list[dict[str, Any]]]
+    ) -> tuple[list[select.Candidate], dict[str, Any]]:
+        """Selection, measuring the best candidate's shape first whenever it was only interpolated (until the
+        best candidate is a measured shape, at most MAX_REFINE extra shapes)."""
+        for _ in range(MAX_REFINE):
+            cands, curves = self.select_target(target, families, rows)
+            best = select.ranked(cands)[:1]
+            if not best or best[0].measured is not None:
+                return cands, curves
+            shape = best[0].shape
+            log.info("%s: measuring %s before training it (it was interpolated)", target, shape.label())
+            rows[shape.id] = self.measure_shape(shape, target)
+            families[shape.round_to].append(shape)
+        return self.select_target(target, families, rows)
 
     def select_target(
         self, target: str, families: dict[int, list[Shape]], rows: dict[str, list[dict[str, Any]]]
@@ -210,7 +231,8 @@ class Fit:
                     if not c:
                         continue
                     curves[f"round_to {r}, {precision}, tile {tile_label(tile)}"] = {
-                        f: {"coef": [round(x, 6) for x in cv.coef], "loo_error": cv.loo_error} for f, cv in c.items()
+                        f: {"knots": [[round(k, 6), round(y, 4)] for k, y in cv.knots], "loo_error": cv.loo_error}
+                        for f, cv in c.items()
                     }
                     cands += select.candidates(grid, c, precision, tile, limits, self.cfg.margin, rows)
         unique: dict[tuple, select.Candidate] = {}
@@ -309,7 +331,7 @@ class Fit:
         families, rows = self.shape_stage()
         targets = {}
         for t in self.cfg.targets:
-            cands, curves = self.select_target(t, families, rows[t])
+            cands, curves = self.refine(t, families, rows[t])
             log.info("%s: %d candidates, %d feasible by prediction", t, len(cands), len(select.ranked(cands)))
             outcome = self.final(t, cands)
             targets[t] = {

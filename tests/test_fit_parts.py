@@ -59,16 +59,20 @@ def test_compact_net_has_the_shapes_accounted_size_and_keeps_the_strongest_chann
     assert out.shape == (1, 3, 48, 48)
 
 
-def test_shape_model_is_exact_on_a_quadratic_and_states_its_leave_one_out_error() -> None:
+def test_shape_model_interpolates_between_measured_shapes_and_states_its_leave_one_out_error() -> None:
     ks = [0.25, 0.375, 0.5, 0.75, 1.0]
-    curve = fit_curve([(k, 10 + 40 * k + 200 * k * k) for k in ks])
-    assert curve(0.6) == pytest.approx(10 + 24 + 72, rel=1e-9)
-    assert curve.loo_error == pytest.approx(0.0, abs=1e-9)
-    noisy = fit_curve([(k, (10 + 40 * k + 200 * k * k) * (1.1 if k == 0.5 else 1.0)) for k in ks])
-    assert noisy.loo_error > 0.05  # the outlier shows in the model's own error
+    curve = fit_curve([(k, 10 + 40 * k) for k in ks])
+    assert curve(0.6) == pytest.approx(34.0) and curve(0.5) == pytest.approx(30.0)
+    assert curve.loo_error == pytest.approx(0.0, abs=1e-12)
+    measured = [(0.25, 116.1), (0.375, 178.9), (0.5, 245.5), (0.75, 647.4), (1.0, 869.5)]  # fit-tiny, ms
+    curve = fit_curve(measured)
+    assert [curve(k) for k, _ in measured] == pytest.approx([y for _, y in measured])  # exact at every knot
+    assert curve(0.625) == pytest.approx((245.5 + 647.4) / 2)
+    left_out_16 = 178.9 + (647.4 - 178.9) * (0.5 - 0.375) / (0.75 - 0.375)  # widths 16 from its neighbours
+    assert curve.loo_error == pytest.approx((left_out_16 - 245.5) / 245.5)  # the worst interior knot
     assert fit_curve([(0.5, 7.0)])(0.9) == 7.0  # one point: a constant
-    assert fit_curve([(0.0, 1.0), (1.0, 3.0)])(0.5) == pytest.approx(2.0)
-    assert fit_curve([(0.5, 1.0), (1.0, 2.0), (0.75, 1.5)]).loo_error is None
+    assert fit_curve([(0.5, 7.0), (0.5, 9.0)]).knots == ((0.5, 8.0),)  # repeated measurements are averaged
+    assert fit_curve([(0.0, 1.0), (1.0, 3.0)]).loo_error is None
     assert relative_error(110.0, 100.0) == pytest.approx(0.1) and relative_error(1.0, 0.0) is None
 
 
