@@ -32,7 +32,7 @@ from edgesr.datasets import load_test_set
 from edgesr.errors import EXIT_BUDGET_FAILED, EXIT_OK, BadInput, TargetFailed
 from edgesr.manifest import new_manifest, sha256
 from edgesr.progress import progress
-from edgesr.workload import Workload, tile_label
+from edgesr.workload import Workload, tile_label, tile_size
 from fit import select, stages
 from fit.config import FitConfig
 from fit.predict import relative_error
@@ -101,31 +101,37 @@ class Fit:
                 seen.setdefault(t, None)
         return tuple(seen)
 
-    def _frame_of_tiles(self) -> Any:
-        frames = {wl.frame for wl in self.workloads.values()}
-        return next(iter(frames)) if len(frames) == 1 else None
-
     # ------------------------------------------------------------------ cached units of work
 
-    def artifacts(self, shape: Shape, checkpoint_of: Any, digest: str, tag: str) -> dict[str, Any]:
-        """Convert (cached): `checkpoint_of()` gives the checkpoint path when the trial has to run."""
-        tiles = self._tiles()
+    def artifacts(
+        self, checkpoint_of: Any, digest: str, tag: str, only: tuple[str, int | str] | None = None
+    ) -> dict[str, Any]:
+        """Convert (cached): `checkpoint_of()` gives the checkpoint path when the trial has to run. Every
+        precision at every workload tile, or `only` one (precision, tile)."""
+        tiles = self._tiles() if only is None else (only[1],)
+        precisions = self.cfg.precisions if only is None else (only[0],)
         frames = sorted({wl.frame for wl in self.workloads.values()})
         if "frame" in tiles and len(frames) > 1:
             raise BadInput("tile 'frame' needs one frame size for every target (their workloads differ)")
         key = {"kind": "convert", "model": digest, "tiles": list(map(str, tiles)), "frame": frames[0]}
-        key["precisions"] = list(self.cfg.precisions)
+        key["precisions"] = list(precisions)
         folder = self.trial_dir(key) / "convert"
 
         def work() -> dict[str, Any]:
             wl = Workload(frame=frames[0], tiles=tiles)
             name = f"{self.loaded.name}-{tag}"
-            return stages.make_artifacts(checkpoint_of(), folder, name, tiles, wl, self.cfg.precisions)
+            return stages.make_artifacts(checkpoint_of(), folder, name, tiles, wl, precisions)
 
         return self.store.run(key, work)
 
-    def measure(self, folder: str, digest: str, target: str, test_set: str) -> dict[str, Any]:
+    def measure(
+        self, folder: str, digest: str, target: str, test_set: str, only: tuple[str, int | str] | None = None
+    ) -> dict[str, Any]:
+        """Bench a convert folder on `target` at its workload (cached); `only`: the folder holds one (precision,
+        tile) of it."""
         wl = self.workloads[target]
+        if only is not None:
+            wl = Workload(frame=wl.frame, tiles=(only[1],))
         key = {
             "kind": "measure",
             "model": digest,
@@ -135,6 +141,8 @@ class Fit:
             "precisions": list(self.cfg.precisions),
             "settings": {k: getattr(self.cfg, k) for k in ("runs", "warmup", "min_seconds", "threads")},
         }
+        if only is not None:
+            key["only"] = list(only)
         out = self.trial_dir(key) / "bench"
 
         def work() -> dict[str, Any]:
@@ -193,10 +201,10 @@ class Fit:
     def measure_shape(self, shape: Shape, target: str) -> list[dict[str, Any]]:
         """The rows of one shape's artifacts (every precision and tile) on one target, untrained weights."""
         if shape.dense:  # the model itself: its artifacts serve the final measurement too
-            digest, art = self.digest, self.artifacts(shape, self._dense_checkpoint, self.digest, "dense")
+            digest, art = self.digest, self.artifacts(self._dense_checkpoint, self.digest, "dense")
         else:  # the L1 cut of a known model at known widths
             digest = f"{self.digest}:{shape.id}:l1"
-            art = self.artifacts(shape, lambda: self.shape_checkpoint(shape), digest, f"shape-{shape.id}")
+            art = self.artifacts(lambda: self.shape_checkpoint(shape), digest, f"shape-{shape.id}")
         return self.measure(art["folder"], digest, target, self.cfg.measure_test_set)["rows"]
 
     def refine(
@@ -258,17 +266,20 @@ class Fit:
                 ),
             )
             return outcome
+        wl = self.workloads[target]
         for c in order[: self.cfg.attempts]:
+            # the final artifact: this precision at this tile only, measured with the real test set
+            only = (c.precision, next(t for t in wl.tiles if tuple(tile_size(t, wl.frame)) == c.tile))
             if c.shape.dense:
-                ckpt, psnr, run = None, self.loaded.source.get("psnr_y_db"), None
+                psnr, run = self.loaded.source.get("psnr_y_db"), None
                 digest = self.digest
-                art = self.artifacts(c.shape, self._dense_checkpoint, digest, "dense")
+                art = self.artifacts(self._dense_checkpoint, digest, "dense", only)
             else:
                 run = self.trained(c.shape)
                 ckpt, psnr = Path(run["checkpoint"]), run["psnr_y_db"]
                 digest = stages.model_digest(load_model_from(ckpt))
-                art = self.artifacts(c.shape, lambda p=ckpt: p, digest, f"fit-{c.shape.id}")
-            measured = self.measure(art["folder"], digest, target, self.cfg.test_set)
+                art = self.artifacts(lambda p=ckpt: p, digest, f"fit-{c.shape.id}", only)
+            measured = self.measure(art["folder"], digest, target, self.cfg.test_set, only)
             row = next(
                 (r for r in measured["rows"] if r["precision"] == c.precision and tuple(r["tile"]) == c.tile), None
             )
