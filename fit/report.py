@@ -136,7 +136,8 @@ def _plot(path: Path, name: str, t: dict[str, Any]) -> bool:
             if not cv:
                 continue
             curve = Curve(tuple(tuple(k) for k in cv["knots"]), None)
-            ks = [j / 50 for j in range(5, 51)]
+            lo = curve.knots[0][0]  # drawn over the measured range only: the model never extrapolates
+            ks = [lo + (1 - lo) * j / 50 for j in range(51)]
             ax.plot(ks, [curve(k) * scale for k in ks], color=f"C{i % 10}", lw=1, label=option)
             pts = [
                 (c["shape"]["fraction"], c["measured"][fig_key] * scale)
