@@ -107,6 +107,11 @@ def render_md(record: dict[str, Any]) -> str:
         f"- trials: {record['trials']['ran']} run, {record['trials']['reused']} reused from "
         f"{record['trials']['storage']}; {record['seconds']:.0f} s",
         "",
+        *[
+            f"- precision {p} refused by convert (not a candidate): {why}"
+            for p, why in (record.get("refused_precisions") or {}).items()
+        ],  # fmt: skip
+        "",
         "Figures are per frame of the target's workload, measured by `device_bench` on the target itself (an "
         "emulated target proves correctness, not speed). Shape-stage measurements use the L1 cut before "
         "fine-tuning: its latency, memory and size are the shape's; its PSNR is not used.",

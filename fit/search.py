@@ -84,6 +84,7 @@ class Fit:
         self.target_ids = {t: self._target_id(t) for t in cfg.targets}
         cfg.out.mkdir(parents=True, exist_ok=True)
         self.store = TrialStore(cfg.storage or default_storage(cfg.out))
+        self.refused: dict[str, str] = {}  # precision -> why convert refused it (for some shape)
 
     def trial_dir(self, key: dict[str, Any]) -> Path:
         """Where a trial writes its files (absolute: the store may be read from another working directory)."""
@@ -125,7 +126,7 @@ class Fit:
         return self.store.run(key, work)
 
     def measure(
-        self, folder: str, digest: str, target: str, test_set: str, only: tuple[str, int | str] | None = None
+        self, folders: list[str], digest: str, target: str, test_set: str, only: tuple[str, int | str] | None = None
     ) -> dict[str, Any]:
         """Bench a convert folder on `target` at its workload (cached); `only`: the folder holds one (precision,
         tile) of it."""
@@ -146,7 +147,7 @@ class Fit:
         out = self.trial_dir(key) / "bench"
 
         def work() -> dict[str, Any]:
-            result = stages.measure(Path(folder), out, self.cfg, target, wl, test_set)
+            result = stages.measure(folders, out, self.cfg, target, wl, test_set)
             if result["failed"]:
                 raise TargetFailed(result["failed"][0]["reason"])
             return {**result, "bench": str(out)}
@@ -205,7 +206,9 @@ class Fit:
         else:  # the L1 cut of a known model at known widths
             digest = f"{self.digest}:{shape.id}:l1"
             art = self.artifacts(lambda: self.shape_checkpoint(shape), digest, f"shape-{shape.id}")
-        return self.measure(art["folder"], digest, target, self.cfg.measure_test_set)["rows"]
+        for precision, reason in art["refused"].items():
+            self.refused.setdefault(precision, reason)
+        return self.measure(art["folders"], digest, target, self.cfg.measure_test_set)["rows"]
 
     def refine(
         self, target: str, families: dict[int, list[Shape]], rows: dict[str, list[dict[str, Any]]]
@@ -279,7 +282,11 @@ class Fit:
                 ckpt, psnr = Path(run["checkpoint"]), run["psnr_y_db"]
                 digest = stages.model_digest(load_model_from(ckpt))
                 art = self.artifacts(lambda p=ckpt: p, digest, f"fit-{c.shape.id}", only)
-            measured = self.measure(art["folder"], digest, target, self.cfg.test_set, only)
+            if not art["folders"]:  # the trained net fails convert's check at this precision: next candidate
+                log.warning("%s: %s refused by convert: %s", target, c.label(), art["refused"].get(c.precision))
+                outcome.setdefault("refused", []).append({"candidate": c.to_dict(), "reason": art["refused"]})
+                continue
+            measured = self.measure(art["folders"], digest, target, self.cfg.test_set, only)
             row = next(
                 (r for r in measured["rows"] if r["precision"] == c.precision and tuple(r["tile"]) == c.tile), None
             )
@@ -295,7 +302,7 @@ class Fit:
                 "prediction_error": {
                     f: relative_error(c.predicted.get(f), row.get(f)) for f in ("frame_ms_p90", "peak_rss_mb")
                 },
-                "artifact_folder": art["folder"],
+                "artifact_folder": art["folders"][0] if art["folders"] else None,
                 "bench": measured["bench"],
                 "torch_psnr_y_db": psnr,
             }
@@ -360,6 +367,7 @@ class Fit:
             source=self.loaded.source,
             settings=settings(self.cfg),
             budgets=self.budgets.to_dict(),
+            refused_precisions=self.refused,
             targets=targets,
             trials={"storage": self.store.storage, "ran": len(self.store.ran), "reused": len(self.store.reused)},
             seconds=round(time.monotonic() - t0, 1),
