@@ -4,7 +4,7 @@ here and only here (the CLI's help reads them)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from compress.intake import ModelSpec
@@ -44,7 +44,6 @@ class FitConfig:
     storage: str | None = None  # an Optuna storage URL; None: sqlite:///<out>/trials.db
     device_python: Path | None = None
     timeout_s: float = 1800.0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.targets:

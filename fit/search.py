@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from compress.data import TrainingSet
-from compress.intake import load_model
+from compress.intake import ModelSpec, load_model
 from compress.pruning.coupling import find_groups
 from compress.pruning.layers import check_known_layers
 from device_bench import budgets as budgets_mod
@@ -386,14 +387,10 @@ class Fit:
 
 
 def load_model_from(path: Path) -> Any:
-    from compress.intake import ModelSpec
-
     return load_model(ModelSpec(checkpoint=path)).model
 
 
 def settings(cfg: FitConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
     d = asdict(cfg)
     d["model"] = {"origin": cfg.model.origin}
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

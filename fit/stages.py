@@ -28,7 +28,7 @@ from convert.tiles import convert_tiles
 from device_bench.bench import BenchConfig, run_bench
 from edgesr.errors import CheckFailed
 from edgesr.manifest import new_manifest
-from edgesr.workload import Workload
+from edgesr.workload import Workload, format_size
 from fit.config import FitConfig
 from fit.shapes import Shape
 
@@ -112,7 +112,7 @@ def measure(
     if not folders:  # every precision was refused at conversion: nothing to run
         return {"rows": [], "failed": [], "environment": {}}
     tiles = ",".join(str(t) for t in workload.tiles) if workload.tiles else None
-    frame = f"{workload.frame[1]}x{workload.frame[0]}" if workload.frame else None
+    frame = format_size(workload.frame) if workload.frame else None
     report = run_bench(
         BenchConfig(
             artifacts=tuple(Path(f) for f in folders),
