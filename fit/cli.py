@@ -9,10 +9,15 @@ artifact that passes every budget, measured on that target, out.
 How: shapes first, then training. The L1 cut of the model at each --keeps fraction of every prunable channel
 group (widths rounded up to multiples of each --round-to) is converted to TFLite at every --precisions and
 workload tile and measured on every target with its untrained weights (latency, memory and size depend on the
-shape, not on the weights). A quadratic in the kept fraction, fitted per target, precision and tile, predicts
-every shape in between; the largest whose predictions meet every budget by --margin is fine-tuned for --steps
-(distilled from the unpruned model), converted, measured on the target, and checked against every budget,
-min_psnr_db included. A miss the model did not predict tries the next candidate (--attempts).
+shape, not on the weights). Interpolation between the measured shapes, per target, precision and tile, predicts
+every shape in between (never beyond); the largest whose predictions meet every budget by --margin is measured
+itself if it was only predicted, fine-tuned for --steps (distilled from the unpruned model), converted, measured
+on the target, and checked against every budget, min_psnr_db included. A miss the model did not predict tries
+the next candidate (--attempts).
+
+When only file size (max_model_kb, max_download_kb) stops a wider shape, that shape is also cut to each
+--sparsities weight sparsity in turn and measured sparse-encoded; the smallest sparsity that fits is trained
+(magnitude pruning during the fine-tune) beside the narrower dense shape, and the higher measured PSNR wins.
 
 The budgets file is device_bench's (device_bench/budgets.example.yaml), with the workload the fit needs:
   workload: {frame: 480x270, tile: [128, frame]}
@@ -90,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--measure-test-set", default=_default("measure_test_set"), help="quality pass of the shape stage")
     t = p.add_argument_group("training the chosen shape")
     t.add_argument("--method", default=_default("method"), choices=METHODS, help="how the shape is reached")
+    t.add_argument(
+        "--sparsities",
+        default=_join(_default("sparsities")),
+        help="weight sparsities tried at the widest shape the other budgets allow when only file size binds "
+        "('' never prunes weights; default %(default)s)",
+    )
+    t.add_argument(
+        "--sparse-layers", default=_default("sparse_layers"), help="convs that lose weights (compress's --layers)"
+    )
     t.add_argument("--steps", type=int, default=_default("steps"), help="fine-tuning steps per trained candidate")
     t.add_argument("--data", default=_default("data"), help="'bundled' photos or a folder of HR images")
     t.add_argument("--test-set", default=_default("test_set"), help="PSNR of the final artifacts (min_psnr_db)")
@@ -123,6 +137,8 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
         min_channels=args.min_channels,
         margin=args.margin,
         method=args.method,
+        sparsities=_floats(args.sparsities, "--sparsities"),
+        sparse_layers=args.sparse_layers,
         steps=args.steps,
         data=args.data,
         test_set=args.test_set,

@@ -23,12 +23,16 @@ class FitConfig:
     targets_file: Path | None = None
     frame: str | None = None  # overrides the budgets file's workload frame (WxH) for every target
     tiles: str | None = None  # overrides its tiles ("128,256,frame")
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8-dynamic", "int8")
     keeps: tuple[float, ...] = (1.0, 0.75, 0.5, 0.375, 0.25)  # keep fractions measured in the shape stage
     round_to: tuple[int, ...] = (4, 8)  # width families: channels rounded up to a multiple of each
     min_channels: int = 4
     margin: float = 0.05  # a shape is chosen only when its predicted figures meet every budget by this share
     method: str = "channel-l1"
+    # weight sparsities probed (ascending) at the widest shape the other budgets allow when only file size binds;
+    # () never prunes weights
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
+    sparse_layers: str = "default"  # which convs lose weights: compress's `--layers` (default: not first and last)
     steps: int = 1000  # the training budget of one candidate (fine-tuning steps)
     data: str = "bundled"
     test_set: str = "sporco"  # PSNR of trained candidates (min_psnr_db)
@@ -55,6 +59,8 @@ class FitConfig:
             raise BadInput(f"--keeps: each keep fraction must be in (0, 1], got {list(self.keeps)}")
         if not self.round_to or any(not 1 <= r <= 256 for r in self.round_to):
             raise BadInput(f"--round-to: each width multiple must be 1..256, got {list(self.round_to)}")
+        if any(not (math.isfinite(x) and 0 < x < 1) for x in self.sparsities):
+            raise BadInput(f"--sparsities: each weight sparsity must be in (0, 1), got {list(self.sparsities)}")
         if self.method not in METHODS:
             raise BadInput(f"--method: unknown '{self.method}'; known: {', '.join(METHODS)}")
         checks = [

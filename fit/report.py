@@ -25,6 +25,59 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{signed(100 * x, 1)} %"
 
 
+def _sparse(cand: dict[str, Any]) -> str:
+    return f" sparse {100 * cand['sparsity']:.0f}%" if cand.get("sparsity") else ""
+
+
+def _sparse_md(t: dict[str, Any]) -> list[str]:
+    """Weight sparsity where only file size binds: the probes and the comparison with the narrower shape."""
+    sp = t.get("sparse_probes")
+    if not sp:
+        return []
+    bases = "; ".join(
+        f"{b['shape']['fraction']:.3f} of the channels {b['precision']} tile {tile_label(b['tile'])} ("
+        + ", ".join(f"{k} +{v['excess']:.0%}" for k, v in b["rejected_by"].items())
+        + ")"
+        for b in sp["bases"]
+    )
+    lines = [
+        "",
+        "### Weight sparsity (only file size stops a wider shape)",
+        "",
+        f"Wider shapes missing only a file budget (predicted, dense): {bases}. Each sparsity is a one-shot magnitude "
+        "cut of the untrained weights, sparse-encoded and measured:",
+        "",
+        "| base | sparsity | KB | download KB | frame p90 ms | peak MB | rejected by |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pr in sp["probes"]:
+        b = f"{pr['base']['shape']['fraction']:.3f} {pr['base']['precision']}"
+        r = pr.get("row")
+        if not r:
+            lines.append(f"| {b} | {pr['sparsity']:.0%} | — | — | — | — | {pr.get('why') or 'refused by convert'} |")
+            continue
+        why = ", ".join(f"{k} (+{v['excess']:.0%})" for k, v in pr["rejected_by"].items()) or "fits"
+        lines.append(
+            f"| {b} | {pr['sparsity']:.0%} | {number(r['size_bytes'] / 1024, 1)} | "
+            f"{number((r.get('download_bytes') or 0) / 1024, 1)} | {number(r.get('frame_ms_p90'), 1)} | "
+            f"{number(r.get('peak_rss_mb'), 1)} | {why} |"
+        )
+    vs = t.get("sparse_vs_narrower")
+    if vs:
+        narrower = vs["narrower"]
+        other = (
+            f"the narrower dense shape ({narrower['candidate']['shape']['fraction']:.3f} "
+            f"{narrower['candidate']['precision']}) {number(narrower['psnr_y_db'], 3)} dB"
+            if narrower
+            else "no narrower dense shape passed"
+        )
+        verdict = "passes" if vs["sparse"]["pass"] else "fails"
+        lines += ["", f"Measured: sparse {number(vs['sparse']['psnr_y_db'], 3)} dB ({verdict}) vs {other}."]
+    if not sp["probes"]:
+        lines.append("No sparsity of --sparsities can bring the file under the limit.")
+    return lines
+
+
 def _target_md(name: str, t: dict[str, Any], margin: float) -> list[str]:
     wl = t["workload"]
     lines = [
@@ -38,8 +91,8 @@ def _target_md(name: str, t: dict[str, Any], margin: float) -> list[str]:
         r = c["row"]
         lines += [
             f"- **PASS**: {c['candidate']['shape']['fraction']:.3f} of the channels "
-            f"({c['candidate']['shape']['params']} parameters), {r['precision']}, tile {tile_label(r['tile'])}; "
-            f"published in `{c.get('published')}`",
+            f"({c['candidate']['shape']['params']} parameters), {r['precision']}{_sparse(c['candidate'])}, "
+            f"tile {tile_label(r['tile'])} (`{r['artifact']}`); published in `{c.get('published')}`",
             "- binding budget (what the next larger shape misses): "
             + (", ".join(t["binding"]) or "none: the dense net fits"),
             "",
@@ -61,11 +114,13 @@ def _target_md(name: str, t: dict[str, Any], margin: float) -> list[str]:
             failed = [k for k, v in a["budgets"].items() if not v["pass"]] or ["—"]
             steps = (a.get("train") or {}).get("steps", 0)
             lines.append(
-                f"| {cand['shape']['fraction']:.3f} {cand['precision']} tile {tile_label(cand['tile'])} | {steps} "
+                f"| {cand['shape']['fraction']:.3f} {cand['precision']}{_sparse(cand)} tile "
+                f"{tile_label(cand['tile'])} | {steps} "
                 f"| {number(a.get('torch_psnr_y_db'), 3)} | {number(r.get('psnr_y_db'), 3)} | "
                 f"{number(r.get('frame_ms_p90'), 1)} | {number(r.get('peak_rss_mb'), 1)} | "
                 f"{number(r['size_bytes'] / 1024, 1)} | {', '.join(failed)} |"
             )
+    lines += _sparse_md(t)
     lines += [
         "",
         f"### Candidates (predicted; a shape is feasible when every prediction meets its budget by {margin:.0%})",
@@ -85,9 +140,10 @@ def _target_md(name: str, t: dict[str, Any], margin: float) -> list[str]:
         )
     lines += ["", "### Shape model (interpolation between measured shapes; worst leave-one-out error)", ""]
     lines += ["| family, precision, tile | frame p90 | peak memory | file size |", "|---|---|---|---|"]
-    for option, curves in t["curves"].items():
-        cells = [_pct((curves.get(f) or {}).get("loo_error")) for f in ("frame_ms_p90", "peak_rss_mb", "size_bytes")]
-        lines.append(f"| {option} | {' | '.join(cells)} |")
+    for curve in t["curves"]:
+        figures = curve["figures"]
+        cells = [_pct((figures.get(f) or {}).get("loo_error")) for f in ("frame_ms_p90", "peak_rss_mb", "size_bytes")]
+        lines.append(f"| {curve['label']} | {' | '.join(cells)} |")
     return lines + [""]
 
 
@@ -136,20 +192,20 @@ def _plot(path: Path, name: str, t: dict[str, Any]) -> bool:
     axes = fig.subplots(1, len(PLOTTED))
     for ax, (fig_key, label, keys) in zip(axes, PLOTTED, strict=True):
         scale = 1 / 1024 if fig_key == "size_bytes" else 1.0
-        for i, (option, curves) in enumerate(t["curves"].items()):
-            cv = curves.get(fig_key)
+        for i, option in enumerate(t["curves"]):
+            cv = option["figures"].get(fig_key)
             if not cv:
                 continue
             curve = Curve(tuple(tuple(k) for k in cv["knots"]), None)
             lo = curve.knots[0][0]  # drawn over the measured range only: the model never extrapolates
             ks = [lo + (1 - lo) * j / 50 for j in range(51)]
-            ax.plot(ks, [curve(k) * scale for k in ks], color=f"C{i % 10}", lw=1, label=option)
+            ax.plot(ks, [curve(k) * scale for k in ks], color=f"C{i % 10}", lw=1, label=option["label"])
             pts = [
                 (c["shape"]["fraction"], c["measured"][fig_key] * scale)
                 for c in t["candidates"]
                 if c["measured"]
-                and option.endswith(f"{c['precision']}, tile {tile_label(c['tile'])}")
-                and f"round_to {c['shape']['round_to']}," in option
+                and (c["shape"]["round_to"], c["precision"], list(c["tile"]))
+                == (option["round_to"], option["precision"], option["tile"])
             ]
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i % 10}", s=18, zorder=3)
         for key in keys:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.data import TrainingSet
-from compress.intake import ModelSpec, load_model
+from compress.intake import load_model
 from compress.pruning.coupling import find_groups
 from compress.pruning.layers import check_known_layers
 from device_bench import budgets as budgets_mod
@@ -34,9 +34,8 @@ from edgesr.errors import EXIT_BUDGET_FAILED, EXIT_OK, BadInput, TargetFailed
 from edgesr.manifest import new_manifest, sha256
 from edgesr.progress import progress
 from edgesr.workload import Workload, tile_label, tile_size
-from fit import select, stages
+from fit import final, select, sparse, stages
 from fit.config import FitConfig
-from fit.predict import relative_error
 from fit.shapes import Shape, ShapeSpace
 from fit.trials import TrialStore, default_storage, key_id
 
@@ -159,7 +158,7 @@ class Fit:
         path = self.cfg.out / "shapes" / shape.id
         return stages.save_model(self.space.compact(shape), self.loaded, path, shape)
 
-    def trained(self, shape: Shape) -> dict[str, Any]:
+    def trained(self, shape: Shape, sparsity: float = 0.0) -> dict[str, Any]:
         key = {
             "kind": "train",
             "model": self.digest,
@@ -170,11 +169,15 @@ class Fit:
             "test_set": self.cfg.test_set,
             "seed": self.cfg.seed,
         }
+        if sparsity:
+            key["sparsity"] = {"target": sparsity, "layers": self.cfg.sparse_layers}
         out = self.trial_dir(key) / "train"
 
         def work() -> dict[str, Any]:
             compact = self.space.compact(shape)
-            return stages.train_shape(compact, self.loaded, shape, self.cfg, out, self.test_pairs, self.images)
+            return stages.train_shape(
+                compact, self.loaded, shape, self.cfg, out, self.test_pairs, self.images, sparsity
+            )
 
         return self.store.run(key, work, value="psnr_y_db")
 
@@ -200,12 +203,23 @@ class Fit:
         bar.close()
         return families, rows
 
+    def shape_source(self, shape: Shape) -> tuple[str, Any]:
+        """(digest, a function giving the net) of a shape's untrained net: the model itself or its L1 cut."""
+        if shape.dense:
+            return self.digest, lambda: self.loaded.model
+        return f"{self.digest}:{shape.id}:l1", lambda: self.space.compact(shape)
+
+    def tile_spec(self, target: str, tile: tuple[int, int]) -> int | str:
+        """The workload's tile entry (a side or 'frame') that gives `tile` on `target`."""
+        wl = self.workloads[target]
+        return next(t for t in wl.tiles if tuple(tile_size(t, wl.frame)) == tuple(tile))
+
     def measure_shape(self, shape: Shape, target: str) -> list[dict[str, Any]]:
         """The rows of one shape's artifacts (every precision and tile) on one target, untrained weights."""
         if shape.dense:  # the model itself: its artifacts serve the final measurement too
-            digest, art = self.digest, self.artifacts(self._dense_checkpoint, self.digest, "dense")
+            digest, art = self.digest, self.artifacts(self.dense_checkpoint, self.digest, "dense")
         else:  # the L1 cut of a known model at known widths
-            digest = f"{self.digest}:{shape.id}:l1"
+            digest = self.shape_source(shape)[0]
             art = self.artifacts(lambda: self.shape_checkpoint(shape), digest, f"shape-{shape.id}")
         for precision, reason in art["refused"].items():
             self.refused.setdefault(precision, reason)
@@ -213,7 +227,7 @@ class Fit:
 
     def refine(
         self, target: str, families: dict[int, list[Shape]], rows: dict[str, list[dict[str, Any]]]
-    ) -> tuple[list[select.Candidate], dict[str, Any]]:
+    ) -> tuple[list[select.Candidate], list[dict[str, Any]]]:
         """Selection, measuring the best candidate's shape first whenever it was only interpolated (until the
         best candidate is a measured shape, at most MAX_REFINE extra shapes)."""
         for _ in range(MAX_REFINE):
@@ -229,10 +243,11 @@ class Fit:
 
     def select_target(
         self, target: str, families: dict[int, list[Shape]], rows: dict[str, list[dict[str, Any]]]
-    ) -> tuple[list[select.Candidate], dict[str, Any]]:
+    ) -> tuple[list[select.Candidate], list[dict[str, Any]]]:
         limits = self.budgets.for_target(target)
         sizes = self.workloads[target].tile_sizes() or []
-        cands, curves = [], {}
+        cands: list[select.Candidate] = []
+        curves: list[dict[str, Any]] = []
         for r, family in families.items():
             smallest = min(s.fraction for s in family)  # the shape model interpolates; it never extrapolates
             grid = [s for s in self.space.grid(r) if s.fraction >= smallest - 1e-9]
@@ -242,106 +257,28 @@ class Fit:
                     c = select.curves_for(rows, family, precision, tile)
                     if not c:
                         continue
-                    curves[f"round_to {r}, {precision}, tile {tile_label(tile)}"] = {
-                        f: {"knots": [[round(k, 6), round(y, 4)] for k, y in cv.knots], "loo_error": cv.loo_error}
-                        for f, cv in c.items()
-                    }
+                    curves.append(
+                        {
+                            "label": f"round_to {r}, {precision}, tile {tile_label(tile)}",
+                            "round_to": r,
+                            "precision": precision,
+                            "tile": list(tile),
+                            "figures": {
+                                f: {
+                                    "knots": [[round(k, 6), round(y, 4)] for k, y in cv.knots],
+                                    "loo_error": cv.loo_error,
+                                }
+                                for f, cv in c.items()
+                            },
+                        }
+                    )
                     cands += select.candidates(grid, c, precision, tile, limits, self.cfg.margin, rows)
         unique: dict[tuple, select.Candidate] = {}
         for c in cands:  # one shape from two families: the same candidate
             unique.setdefault((c.shape.id, c.precision, c.tile), c)
         return list(unique.values()), curves
 
-    def final(self, target: str, cands: list[select.Candidate]) -> dict[str, Any]:
-        limits = self.budgets.for_target(target)
-        order = select.ranked(cands)
-        outcome: dict[str, Any] = {"attempts": []}
-        if not order:
-            near = select.nearest(cands)
-            worst = max(near.violations.items(), key=lambda kv: kv[1]["excess"])
-            outcome.update(
-                status="none",
-                binding=sorted(near.violations),
-                nearest=near.to_dict(),
-                reason=(
-                    f"no shape meets the budgets on {target}: the nearest, {near.label()}, has {worst[0]} "
-                    f"{worst[1]['value']:.1f} (predicted) against a limit of {worst[1]['limit']:g} "
-                    f"(+{worst[1]['excess']:.0%} with the {self.cfg.margin:.0%} margin)"
-                ),
-            )
-            return outcome
-        wl = self.workloads[target]
-        for c in order[: self.cfg.attempts]:
-            # the final artifact: this precision at this tile only, measured with the real test set
-            only = (c.precision, next(t for t in wl.tiles if tuple(tile_size(t, wl.frame)) == c.tile))
-            if c.shape.dense:
-                psnr, run = self.loaded.source.get("psnr_y_db"), None
-                digest = self.digest
-                art = self.artifacts(self._dense_checkpoint, digest, "dense", only)
-            else:
-                run = self.trained(c.shape)
-                ckpt, psnr = Path(run["checkpoint"]), run["psnr_y_db"]
-                digest = stages.model_digest(load_model_from(ckpt))
-                art = self.artifacts(lambda p=ckpt: p, digest, f"fit-{c.shape.id}", only)
-            if not art["folders"]:  # the trained net fails convert's check at this precision: next candidate
-                log.warning("%s: %s refused by convert: %s", target, c.label(), art["refused"].get(c.precision))
-                outcome.setdefault("refused", []).append({"candidate": c.to_dict(), "reason": art["refused"]})
-                continue
-            measured = self.measure(art["folders"], digest, target, self.cfg.test_set, only)
-            row = next(
-                (r for r in measured["rows"] if r["precision"] == c.precision and tuple(r["tile"]) == c.tile), None
-            )
-            if row is None:
-                raise TargetFailed(f"target {target}: no measurement of {c.label()} came back")
-            checks = budgets_mod.check(self.budgets, target, row)
-            attempt = {
-                "candidate": c.to_dict(),
-                "train": run,
-                "row": row,
-                "budgets": checks,
-                "pass": all(v["pass"] for v in checks.values()),
-                "prediction_error": {
-                    f: relative_error(c.predicted.get(f), row.get(f)) for f in ("frame_ms_p90", "peak_rss_mb")
-                },
-                "artifact_folder": art["folders"][0] if art["folders"] else None,
-                "bench": measured["bench"],
-                "torch_psnr_y_db": psnr,
-            }
-            outcome["attempts"].append(attempt)
-            failed = [k for k, v in checks.items() if not v["pass"]]
-            # what stops the shape growing: the next larger one's predicted misses, and what larger attempts
-            # missed as measured
-            bind = sorted(
-                set(select.binding(c, cands))
-                | {k for a in outcome["attempts"][:-1] for k, v in a["budgets"].items() if not v["pass"]}
-                - {"min_psnr_db"}
-            )
-            if not failed:
-                outcome.update(status="pass", chosen=attempt, binding=bind)
-                return outcome
-            if failed == ["min_psnr_db"]:
-                cost = limits["min_psnr_db"] - (row.get("psnr_y_db") or 0.0)
-                outcome.update(
-                    status="quality",
-                    binding=bind,
-                    reason=(
-                        f"on {target}, the largest shape within the budgets ({c.label()}) reaches "
-                        f"{row.get('psnr_y_db', 0):.3f} dB < min_psnr_db {limits['min_psnr_db']:g} after "
-                        f"{self.cfg.steps} steps; {', '.join(bind) or 'no budget'} binds; the nearest feasible "
-                        f"point costs {cost:.3f} dB"
-                    ),
-                    nearest=c.to_dict(),
-                )
-                return outcome
-            log.warning("%s: %s missed %s as measured; trying the next candidate", target, c.label(), failed)
-        outcome.update(
-            status="none",
-            binding=sorted({k for a in outcome["attempts"] for k, v in a["budgets"].items() if not v["pass"]}),
-            reason=f"on {target}, the {len(outcome['attempts'])} best predicted candidates missed budgets as measured",
-        )
-        return outcome
-
-    def _dense_checkpoint(self) -> Path:
+    def dense_checkpoint(self) -> Path:
         shape = self.space.shape(1.0, 1)
         return stages.save_model(self.loaded.model, self.loaded, self.cfg.out / "shapes" / "dense", shape)
 
@@ -352,12 +289,16 @@ class Fit:
         for t in self.cfg.targets:
             cands, curves = self.refine(t, families, rows[t])
             log.info("%s: %d candidates, %d feasible by prediction", t, len(cands), len(select.ranked(cands)))
-            outcome = self.final(t, cands)
+            best = select.ranked(cands)
+            bases = select.sparse_bases(cands, best[0] if best else None) if self.cfg.sparsities else []
+            sparse_cand, probes = sparse.choose(self, t, bases)
+            outcome = final.final(self, t, cands, sparse_cand)
             targets[t] = {
                 "workload": self.workloads[t].to_dict(),
                 "budgets": self.budgets.for_target(t),
                 "curves": curves,
                 "candidates": [c.to_dict() for c in sorted(cands, key=select.Candidate.order)],
+                "sparse_probes": {"bases": [b.to_dict() for b in bases], "probes": probes} if bases else None,
                 **outcome,
             }
             if outcome["status"] == "pass":
@@ -384,10 +325,6 @@ class Fit:
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
         chosen["published"] = str(dest)
-
-
-def load_model_from(path: Path) -> Any:
-    return load_model(ModelSpec(checkpoint=path)).model
 
 
 def settings(cfg: FitConfig) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Choosing a shape from measurements: per target, the largest candidate whose predicted figures meet every
 budget with the stated margin, and, when none does, the budget that binds and the nearest point.
 
-A candidate is (shape, precision, tile). Its figures are predicted by the shape model fitted to the measured shapes
-of its width family at that precision and tile on that target (`predict.fit_curve`). "Largest" means most
-parameters (what buys quality at a fixed training budget), then the higher precision, then the faster.
+A candidate is (shape, precision, tile), plus a weight sparsity when only file size stops its shape (the shape
+the other budgets allow, its conv weights magnitude-pruned so the sparse-encoded file fits: `fit.sparse`). Its
+figures are predicted by the shape model fitted to the measured shapes of its width family at that precision and
+tile on that target (`predict.fit_curve`); a sparse candidate's are those measured of its one-shot cut. "Largest"
+means most parameters (what buys quality at a fixed training budget), then the higher precision, then the faster.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fit.shapes import Shape
 PREDICTED = (*FIGURES, "latency_ms_median")
 PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8-dynamic": 2, "int8": 3}
 UNPREDICTABLE = ("min_psnr_db",)  # known only after training
+SIZE_BUDGETS = ("max_model_kb", "max_download_kb")  # what weight sparsity can meet without a narrower shape
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Candidate:
     predicted: dict[str, float]
     measured: dict[str, Any] | None = None  # the shape-stage row when this very candidate was measured
     violations: dict[str, dict[str, float]] = field(default_factory=dict)  # budget -> {limit, predicted, excess}
+    sparsity: float = 0.0  # of the conv weights the sparse encoding leaves out (0: a dense file)
 
     @property
     def feasible(self) -> bool:
@@ -37,14 +41,20 @@ class Candidate:
     def order(self) -> tuple:
         return (-self.shape.params, PRECISION_RANK.get(self.precision, 9), self.predicted.get("frame_ms_p90", 0.0))
 
+    @property
+    def encoding(self) -> str:
+        return "sparse" if self.sparsity else "dense"
+
     def label(self) -> str:
-        return f"{self.shape.label()} {self.precision} tile {tile_label(self.tile)}"
+        sparse = f" sparse {self.sparsity:.0%}" if self.sparsity else ""
+        return f"{self.shape.label()} {self.precision}{sparse} tile {tile_label(self.tile)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "shape": self.shape.to_dict(),
             "precision": self.precision,
             "tile": list(self.tile),
+            "sparsity": self.sparsity,
             "predicted": {k: round(v, 4) for k, v in self.predicted.items()},
             "measured": self.measured,
             "feasible": self.feasible,
@@ -131,6 +141,19 @@ def binding(chosen: Candidate, cands: list[Candidate]) -> list[str]:
         return []
     nxt = min(same, key=lambda c: c.shape.params)
     return sorted(nxt.violations)
+
+
+def sparse_bases(cands: list[Candidate], chosen: Candidate | None) -> list[Candidate]:
+    """Where weight sparsity could start from, one per precision: the widest shape whose only predicted misses are
+    file-size budgets, wider than `chosen` (the best feasible candidate); smallest file first. Which precision
+    needs the fewest zeros is measured, not assumed: sparse encoding's index overhead weighs more on int8 values."""
+    blocked = [c for c in cands if c.violations and set(c.violations) <= set(SIZE_BUDGETS)]
+    if chosen is not None:
+        blocked = [c for c in blocked if c.shape.params > chosen.shape.params]
+    per_precision: dict[str, Candidate] = {}
+    for c in sorted(blocked, key=lambda c: (-c.shape.params, c.predicted.get("size_bytes", 0.0), c.order())):
+        per_precision.setdefault(c.precision, c)
+    return sorted(per_precision.values(), key=lambda c: c.predicted.get("size_bytes", 0.0))
 
 
 def nearest(cands: list[Candidate]) -> Candidate:

@@ -22,7 +22,9 @@ from compress.checkpoint import save_checkpoint
 from compress.data import PatchSampler, TrainingSet
 from compress.evaluate import evaluate, model_stats
 from compress.intake import LoadedModel, ModelSpec
+from compress.pruning.methods import magnitude
 from compress.pruning.methods.channel_l1 import ChannelL1FineTune
+from compress.pruning.methods.magnitude import MagnitudeConfig
 from compress.train import FINETUNE, TrainData, finetune_lr, train
 from convert.tiles import convert_tiles
 from device_bench.bench import BenchConfig, run_bench
@@ -144,10 +146,12 @@ def train_shape(
     out: Path,
     test_pairs: list,
     images: TrainingSet,
+    sparsity: float = 0.0,
 ) -> dict[str, Any]:
-    """Fine-tune the L1 cut of `shape` for the fit's training budget, distilled from the unpruned model; save it
-    with its torch Y-PSNR on the test set (resumes an interrupted run from `<out>/finetune`)."""
-    removed = 1.0 - shape.params_fraction
+    """Fine-tune the L1 cut of `shape` for the fit's training budget, distilled from the unpruned model, and with
+    `sparsity` prune its weights by magnitude on the way (`cfg.sparse_layers`); save it with its torch Y-PSNR on
+    the test set (resumes an interrupted run from `<out>/finetune`)."""
+    removed = 1.0 - shape.params_fraction * (1.0 - sparsity)
     train_cfg = dataclasses.replace(
         FINETUNE, steps=cfg.steps, lr=finetune_lr(removed), seed=cfg.seed, device=cfg.device
     )
@@ -155,7 +159,18 @@ def train_shape(
     sampler = PatchSampler(images, loaded.scale, train_cfg.lr_patch, train_cfg.batch_size, train_cfg.seed)
     train_data = TrainData(sampler, loaded.scale, teacher, cfg.degradation)
     torch.manual_seed(cfg.seed)
-    run = train(compact, train_data, train_cfg, out / "finetune", pruner=ChannelL1FineTune(), resume=True)
+    if sparsity:
+        compact, record = magnitude.run(
+            compact,
+            train_data,
+            train_cfg,
+            out / "finetune",
+            MagnitudeConfig(sparsity=sparsity, layers=cfg.sparse_layers),
+        )
+        run, pruning = record["runs"]["train"], {k: v for k, v in record.items() if k != "runs"}
+    else:
+        run = train(compact, train_data, train_cfg, out / "finetune", pruner=ChannelL1FineTune(), resume=True)
+        pruning = {}
     compact = compact.cpu().eval()
     scores = evaluate(compact, test_pairs, loaded.scale)
     psnr = scores["mean"]["psnr_y_db"]
@@ -169,8 +184,9 @@ def train_shape(
             "ssim_y": scores["mean"]["ssim_y"],
             "test_set": {"name": cfg.test_set, "degradation": cfg.degradation},
             "train": {"config": dataclasses.asdict(train_cfg), "steps": run["steps"], "seconds": run["seconds"]},
-            "pruning": {"method": cfg.method, "shape": shape.to_dict()},
+            "pruning": {"method": cfg.method, "shape": shape.to_dict(), "weights": pruning or None},
         },
     )
-    log.info("trained %s for %d steps: Y-PSNR %.3f dB on %s", shape.label(), run["steps"], psnr, cfg.test_set)
+    what = shape.label() + (f" at {sparsity:.0%} weight sparsity" if sparsity else "")
+    log.info("trained %s for %d steps: Y-PSNR %.3f dB on %s", what, run["steps"], psnr, cfg.test_set)
     return {"checkpoint": str(path), "psnr_y_db": psnr, "steps": run["steps"], "seconds": run["seconds"]}

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "edsr-tiny-x2" / "model.pt"
 SMALL = [
     "--precisions", "fp32", "--keeps", "1,0.5,0.25", "--round-to", "8", "--steps", "10", "--runs", "2",
-    "--warmup", "1", "--min-seconds", "0", "--test-set", "butterfly",
+    "--warmup", "1", "--min-seconds", "0", "--test-set", "butterfly", "--sparsities", "",
 ]  # fmt: skip
 
 
@@ -87,6 +87,34 @@ def test_a_rerun_and_other_budgets_reuse_every_finished_trial(passed) -> None:
     assert t["status"] == "quality" and t["binding"] == ["max_model_kb"]
     assert "min_psnr_db 45" in t["reason"] and "costs" in t["reason"]
     assert record(root / "out")["trials"]["ran"] == 0  # the trained shape and its measurement are reused
+
+
+def test_where_only_file_size_binds_the_full_width_sparse_net_competes_by_measured_psnr(passed) -> None:
+    root, b, _ = passed
+    storage = f"sqlite:///{(root / 'out' / 'trials.db').absolute()}"  # the dense trials of `passed` are reused
+    proc = fit(root / "sparse", b, "--sparsities", "0.6,0.8", "--storage", storage)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    t = record(root / "sparse")["targets"]["local"]
+    probes = t["sparse_probes"]
+    assert [x["shape"]["fraction"] for x in probes["bases"]] == [1.0]  # full width misses only the size
+    by_sparsity = {x["sparsity"]: x for x in probes["probes"]}
+    # a one-shot cut at 60 % is still over 300 KB sparse-encoded; 80 % fits, so the search stops there
+    assert by_sparsity[0.6]["rejected_by"].keys() == {"max_model_kb"} and by_sparsity[0.8]["rejected_by"] == {}
+    sparse, narrower = t["sparse_vs_narrower"]["sparse"], t["sparse_vs_narrower"]["narrower"]
+    assert narrower is not None and narrower["candidate"]["shape"]["kept"] == {
+        g: 16 for g in narrower["candidate"]["shape"]["kept"]
+    }
+    attempt = next(a for a in t["attempts"] if a["candidate"]["sparsity"] == 0.8)
+    assert attempt["row"]["encoding"] == "sparse" and attempt["row"]["artifact"].startswith("sparse")
+    assert attempt["row"]["size_bytes"] <= 300 * 1024 and attempt["pass"]
+    assert attempt["train"]["steps"] == 10
+    weights = json.loads(Path(attempt["train"]["checkpoint"]).with_name("manifest.json").read_text())
+    assert weights["pruning"]["weights"]["achieved_sparsity_pruned_layers"] >= 0.79
+    # the rule: of the passing artifacts, the higher measured PSNR is published
+    winner = max((a for a in t["attempts"] if a["pass"]), key=lambda a: a["row"]["psnr_y_db"])
+    assert t["chosen"]["row"]["sha256"] == winner["row"]["sha256"]
+    assert (sparse["psnr_y_db"] > narrower["psnr_y_db"]) == (t["chosen"]["candidate"]["sparsity"] == 0.8)
+    assert "Weight sparsity" in (root / "sparse" / "fit.md").read_text()
 
 
 def test_bad_input_is_one_line_before_any_work(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from compress.evaluate import model_stats
 from compress.intake import ModelSpec, load_model
 from compress.pruning.coupling import find_groups
 from fit.predict import fit_curve, relative_error
-from fit.select import Candidate, binding, nearest, ranked, violations
+from fit.select import Candidate, binding, nearest, ranked, sparse_bases, violations
 from fit.shapes import ShapeSpace
 from fit.trials import TrialStore, key_id
 
@@ -145,3 +145,26 @@ def test_a_trial_whose_process_was_killed_runs_again(tmp_path: Path) -> None:
     assert states == ["COMPLETE", "FAIL"]
     assert json.loads(store.study.get_trials()[-1].user_attrs["result"]) == {"psnr_y_db": 33.0}
     assert np.isfinite(store.study.get_trials()[-1].value)
+
+
+def test_sparsity_starts_from_the_widest_shape_only_file_size_stops_one_base_per_precision(space: ShapeSpace) -> None:
+    shapes = space.grid(8)  # narrowest first
+    limits = {"max_frame_ms": 100.0, "max_model_kb": 100.0}
+
+    def cand(shape, precision: str, ms: float, kb: float) -> Candidate:
+        c = Candidate(shape, precision, (64, 64), {"frame_ms_p90": ms, "size_bytes": kb * 1024})
+        c.violations = violations(limits, c.predicted, 0.05)
+        return c
+
+    figures = ((40, 60), (70, 120), (90, 200), (200, 400))  # (ms, KB in fp32) per shape, narrowest first
+    cands = [cand(s, p, ms, kb / (4 if p == "int8" else 1)) for s, (ms, kb) in zip(shapes, figures, strict=True)
+             for p in ("fp32", "int8")]  # fmt: skip
+    best = ranked(cands)[0]
+    assert best.shape == shapes[2] and best.precision == "int8"  # 50 KB int8 fits; fp32 needs shapes[0]
+    # nothing is wider than the best feasible shape and blocked only by size: the widest is slow, not just big
+    assert sparse_bases(cands, best) == []
+    fp32_only = [c for c in cands if c.precision == "fp32"]
+    bases = sparse_bases(fp32_only, ranked(fp32_only)[0])
+    assert [(b.shape, b.precision) for b in bases] == [(shapes[2], "fp32")]
+    assert set(bases[0].violations) == {"max_model_kb"}
+    assert sparse_bases(fp32_only, None)[0].shape == shapes[2]

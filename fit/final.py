@@ -1,0 +1,170 @@
+"""The final step of a target: train the chosen candidate, convert it at its precision and tile only, measure it on
+the target with the real test set, and check every budget (`min_psnr_db` included) on what was measured.
+
+Dense candidates are tried best first: a miss the shape model did not predict moves to the next (`--attempts`); a
+PSNR miss ends the search with the budget that binds and what the nearest feasible point costs. When only file
+size stops a wider shape, its sparse candidate (`fit.sparse`) is trained and measured as well, and of the passing
+artifacts the one with the higher measured PSNR is chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compress.intake import ModelSpec, load_model
+from device_bench import budgets as budgets_mod
+from edgesr.errors import TargetFailed
+from fit import select, stages
+from fit.predict import relative_error
+from fit.sparse import pick_row
+
+if TYPE_CHECKING:
+    from fit.search import Fit
+
+log = logging.getLogger("fit")
+
+
+def attempt(fit: Fit, target: str, c: select.Candidate) -> dict[str, Any] | None:
+    """Train (unless dense), convert and measure one candidate on `target`; None when convert refuses it."""
+    only = (c.precision, fit.tile_spec(target, c.tile))
+    if c.shape.dense and not c.sparsity:
+        psnr, run = fit.loaded.source.get("psnr_y_db"), None
+        digest = fit.digest
+        art = fit.artifacts(fit.dense_checkpoint, digest, "dense", only)
+    else:
+        run = fit.trained(c.shape, c.sparsity)
+        ckpt, psnr = Path(run["checkpoint"]), run["psnr_y_db"]
+        digest = stages.model_digest(load_model(ModelSpec(checkpoint=ckpt)).model)
+        art = fit.artifacts(lambda p=ckpt: p, digest, f"fit-{c.shape.id}", only)
+    if not art["folders"]:
+        log.warning("%s: %s refused by convert: %s", target, c.label(), art["refused"].get(c.precision))
+        return None
+    measured = fit.measure(art["folders"], digest, target, fit.cfg.test_set, only)
+    row = pick_row(measured["rows"], c.precision, c.tile, c.encoding)
+    if row is None:
+        raise TargetFailed(f"target {target}: no measurement of {c.label()} came back")
+    checks = budgets_mod.check(fit.budgets, target, row)
+    return {
+        "candidate": c.to_dict(),
+        "train": run,
+        "row": row,
+        "budgets": checks,
+        "pass": all(v["pass"] for v in checks.values()),
+        "prediction_error": {
+            f: relative_error(c.predicted.get(f), row.get(f)) for f in ("frame_ms_p90", "peak_rss_mb", "size_bytes")
+        },
+        "artifact_folder": art["folders"][0],
+        "bench": measured["bench"],
+        "torch_psnr_y_db": psnr,
+    }
+
+
+def failed(a: dict[str, Any]) -> list[str]:
+    return [k for k, v in a["budgets"].items() if not v["pass"]]
+
+
+def psnr_of(a: dict[str, Any]) -> float:
+    return float(a["row"].get("psnr_y_db") or 0.0)
+
+
+def dense_search(fit: Fit, target: str, cands: list[select.Candidate]) -> dict[str, Any]:
+    """The best dense candidates in turn (at most `--attempts`) until one passes or misses only on quality."""
+    limits = fit.budgets.for_target(target)
+    out: dict[str, Any] = {"attempts": []}
+    for c in select.ranked(cands)[: fit.cfg.attempts]:
+        a = attempt(fit, target, c)
+        if a is None:
+            out.setdefault("refused", []).append({"candidate": c.to_dict()})
+            continue
+        out["attempts"].append(a)
+        # what stops the shape growing: the next larger one's predicted misses, and what larger attempts missed
+        bind = sorted(
+            set(select.binding(c, cands)) | {k for prev in out["attempts"][:-1] for k in failed(prev)} - {"min_psnr_db"}
+        )
+        if not failed(a):
+            out.update(status="pass", chosen=a, binding=bind)
+            return out
+        if failed(a) == ["min_psnr_db"]:
+            cost = limits["min_psnr_db"] - psnr_of(a)
+            out.update(
+                status="quality",
+                binding=bind,
+                reason=(
+                    f"on {target}, the largest shape within the budgets ({c.label()}) reaches {psnr_of(a):.3f} dB "
+                    f"< min_psnr_db {limits['min_psnr_db']:g} after {fit.cfg.steps} steps; "
+                    f"{', '.join(bind) or 'no budget'} binds; the nearest feasible point costs {cost:.3f} dB"
+                ),
+                nearest=c.to_dict(),
+            )
+            return out
+        log.warning("%s: %s missed %s as measured; trying the next candidate", target, c.label(), failed(a))
+    if out["attempts"] or out.get("refused"):
+        out.update(
+            status="none",
+            binding=sorted({k for a in out["attempts"] for k in failed(a)}),
+            reason=f"on {target}, the {len(out['attempts'])} best predicted candidates missed budgets as measured",
+        )
+    return out
+
+
+def no_shape(fit: Fit, target: str, cands: list[select.Candidate]) -> dict[str, Any]:
+    near = select.nearest(cands)
+    worst = max(near.violations.items(), key=lambda kv: kv[1]["excess"])
+    return {
+        "status": "none",
+        "binding": sorted(near.violations),
+        "nearest": near.to_dict(),
+        "reason": (
+            f"no shape meets the budgets on {target}: the nearest, {near.label()}, has {worst[0]} "
+            f"{worst[1]['value']:.1f} (predicted) against a limit of {worst[1]['limit']:g} "
+            f"(+{worst[1]['excess']:.0%} with the {fit.cfg.margin:.0%} margin)"
+        ),
+    }
+
+
+def final(fit: Fit, target: str, cands: list[select.Candidate], sparse: select.Candidate | None) -> dict[str, Any]:
+    """The target's outcome: status pass (with `chosen`), quality or none, every attempt, the binding budgets."""
+    out = dense_search(fit, target, cands) if select.ranked(cands) else {"attempts": []}
+    if sparse is None:
+        return out if "status" in out else {**out, **no_shape(fit, target, cands)}
+    a = attempt(fit, target, sparse)
+    if a is None:
+        out.setdefault("refused", []).append({"candidate": sparse.to_dict()})
+        return out if "status" in out else {**out, **no_shape(fit, target, cands)}
+    out["attempts"].append(a)
+    dense_pass = out.get("status") == "pass"
+    out["sparse_vs_narrower"] = {
+        "sparse": {"candidate": sparse.label(), "psnr_y_db": psnr_of(a), "pass": a["pass"]},
+        "narrower": {"candidate": out["chosen"]["candidate"], "psnr_y_db": psnr_of(out["chosen"])}
+        if dense_pass
+        else None,
+    }
+    size_bind = sorted(k for k in select.SIZE_BUDGETS if k in fit.budgets.for_target(target))
+    if a["pass"] and (not dense_pass or psnr_of(a) > psnr_of(out["chosen"])):
+        bind = sorted(set(select.binding(sparse, cands)) | set(size_bind))
+        out.update(status="pass", chosen=a, binding=bind, reason=None)
+        return out
+    if "status" in out:
+        return out
+    limits = fit.budgets.for_target(target)
+    if failed(a) == ["min_psnr_db"]:
+        cost = limits["min_psnr_db"] - psnr_of(a)
+        out.update(
+            status="quality",
+            binding=size_bind,
+            nearest=sparse.to_dict(),
+            reason=(
+                f"on {target}, the widest shape within the other budgets made to fit the file budget with "
+                f"{sparse.sparsity:.0%} zero weights ({sparse.label()}) reaches {psnr_of(a):.3f} dB < min_psnr_db "
+                f"{limits['min_psnr_db']:g} after {fit.cfg.steps} steps; the nearest feasible point costs {cost:.3f} dB"
+            ),
+        )
+        return out
+    out.update(
+        status="none",
+        binding=failed(a),
+        reason=f"on {target}, the sparse candidate {sparse.label()} missed {', '.join(failed(a))} as measured",
+    )
+    return out
