@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--measure-test-set", default=_default("measure_test_set"), help="quality pass of the shape stage")
     t = p.add_argument_group("training the chosen shape")
-    t.add_argument("--method", default=_default("method"), choices=METHODS, help="how the shape is reached")
+    t.add_argument(
+        "--methods",
+        default=_join(_default("methods")),
+        help=f"structured methods that compete at the chosen budget ({', '.join(METHODS)}; channel-l1 always; "
+        "default %(default)s)",
+    )
     t.add_argument(
         "--sparsities",
         default=_join(_default("sparsities")),
@@ -136,7 +141,7 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
         round_to=_ints(args.round_to, "--round-to"),
         min_channels=args.min_channels,
         margin=args.margin,
-        method=args.method,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         sparsities=_floats(args.sparsities, "--sparsities"),
         sparse_layers=args.sparse_layers,
         steps=args.steps,

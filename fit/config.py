@@ -11,7 +11,10 @@ from compress.intake import ModelSpec
 from convert.tflite import PRECISIONS as TFLITE_PRECISIONS
 from edgesr.errors import BadInput
 
-METHODS = ("channel-l1",)  # how a chosen shape is reached: L1 cut at its widths, then distilled fine-tuning
+# how a chosen budget is reached: channel-l1 (the L1 cut at the chosen widths, what the shape stage measures, then
+# distilled fine-tuning) always; fmp, given in --methods, prunes to the same parameter count with its hypernetwork
+# channel search (weight sparsity 0: file size is the sparse candidate's job) and competes by measured PSNR
+METHODS = ("channel-l1", "fmp")
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class FitConfig:
     round_to: tuple[int, ...] = (4, 8)  # width families: channels rounded up to a multiple of each
     min_channels: int = 4
     margin: float = 0.05  # a shape is chosen only when its predicted figures meet every budget by this share
-    method: str = "channel-l1"
+    methods: tuple[str, ...] = ("channel-l1",)
     # weight sparsities probed (ascending) at the widest shape the other budgets allow when only file size binds;
     # () never prunes weights
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
@@ -61,8 +64,11 @@ class FitConfig:
             raise BadInput(f"--round-to: each width multiple must be 1..256, got {list(self.round_to)}")
         if any(not (math.isfinite(x) and 0 < x < 1) for x in self.sparsities):
             raise BadInput(f"--sparsities: each weight sparsity must be in (0, 1), got {list(self.sparsities)}")
-        if self.method not in METHODS:
-            raise BadInput(f"--method: unknown '{self.method}'; known: {', '.join(METHODS)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise BadInput(f"--methods: unknown '{bad[0]}'; known: {', '.join(METHODS)}")
+        if "channel-l1" not in self.methods:
+            raise BadInput("--methods must include channel-l1 (the cut the shape stage measures); add others beside it")
         checks = [
             ("margin", math.isfinite(self.margin) and 0 <= self.margin < 1, "in [0, 1)"),
             ("steps", 1 <= self.steps <= 10_000_000, "1..10000000"),

@@ -26,10 +26,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("fit")
 
 
-def attempt(fit: Fit, target: str, c: select.Candidate) -> dict[str, Any] | None:
-    """Train (unless dense), convert and measure one candidate on `target`; None when convert refuses it."""
+def attempt(fit: Fit, target: str, c: select.Candidate, method: str = "channel-l1") -> dict[str, Any] | None:
+    """Train (unless dense), convert and measure one candidate on `target`; None when convert refuses it. Another
+    `method` prunes the model to the candidate's parameter count its own way (its widths, not the candidate's)."""
     only = (c.precision, fit.tile_spec(target, c.tile))
-    if c.shape.dense and not c.sparsity:
+    if method != "channel-l1":
+        run = fit.trained_method(method, c.shape.params_fraction)
+        ckpt, psnr = Path(run["checkpoint"]), run["psnr_y_db"]
+        digest = stages.model_digest(load_model(ModelSpec(checkpoint=ckpt)).model)
+        art = fit.artifacts(lambda p=ckpt: p, digest, f"fit-{method}", only)
+    elif c.shape.dense and not c.sparsity:
         psnr, run = fit.loaded.source.get("psnr_y_db"), None
         digest = fit.digest
         art = fit.artifacts(fit.dense_checkpoint, digest, "dense", only)
@@ -48,6 +54,8 @@ def attempt(fit: Fit, target: str, c: select.Candidate) -> dict[str, Any] | None
     checks = budgets_mod.check(fit.budgets, target, row)
     return {
         "candidate": c.to_dict(),
+        "label": c.label() if method == "channel-l1" else f"{method} at {c.shape.params_fraction:.3f} of the params",
+        "method": method,
         "train": run,
         "row": row,
         "budgets": checks,
@@ -69,8 +77,11 @@ def psnr_of(a: dict[str, Any]) -> float:
     return float(a["row"].get("psnr_y_db") or 0.0)
 
 
-def dense_search(fit: Fit, target: str, cands: list[select.Candidate]) -> dict[str, Any]:
-    """The best dense candidates in turn (at most `--attempts`) until one passes or misses only on quality."""
+def dense_search(
+    fit: Fit, target: str, cands: list[select.Candidate]
+) -> tuple[dict[str, Any], select.Candidate | None]:
+    """The best dense candidates in turn (at most `--attempts`) until one passes or misses only on quality; the
+    outcome and that candidate (None when every attempt missed another budget)."""
     limits = fit.budgets.for_target(target)
     out: dict[str, Any] = {"attempts": []}
     for c in select.ranked(cands)[: fit.cfg.attempts]:
@@ -85,7 +96,7 @@ def dense_search(fit: Fit, target: str, cands: list[select.Candidate]) -> dict[s
         )
         if not failed(a):
             out.update(status="pass", chosen=a, binding=bind)
-            return out
+            return out, c
         if failed(a) == ["min_psnr_db"]:
             cost = limits["min_psnr_db"] - psnr_of(a)
             out.update(
@@ -98,7 +109,7 @@ def dense_search(fit: Fit, target: str, cands: list[select.Candidate]) -> dict[s
                 ),
                 nearest=c.to_dict(),
             )
-            return out
+            return out, c
         log.warning("%s: %s missed %s as measured; trying the next candidate", target, c.label(), failed(a))
     if out["attempts"] or out.get("refused"):
         out.update(
@@ -106,7 +117,7 @@ def dense_search(fit: Fit, target: str, cands: list[select.Candidate]) -> dict[s
             binding=sorted({k for a in out["attempts"] for k in failed(a)}),
             reason=f"on {target}, the {len(out['attempts'])} best predicted candidates missed budgets as measured",
         )
-    return out
+    return out, None
 
 
 def no_shape(fit: Fit, target: str, cands: list[select.Candidate]) -> dict[str, Any]:
@@ -125,35 +136,59 @@ def no_shape(fit: Fit, target: str, cands: list[select.Candidate]) -> dict[str, 
 
 
 def final(fit: Fit, target: str, cands: list[select.Candidate], sparse: select.Candidate | None) -> dict[str, Any]:
-    """The target's outcome: status pass (with `chosen`), quality or none, every attempt, the binding budgets."""
-    out = dense_search(fit, target, cands) if select.ranked(cands) else {"attempts": []}
-    if sparse is None:
-        return out if "status" in out else {**out, **no_shape(fit, target, cands)}
-    a = attempt(fit, target, sparse)
-    if a is None:
-        out.setdefault("refused", []).append({"candidate": sparse.to_dict()})
-        return out if "status" in out else {**out, **no_shape(fit, target, cands)}
-    out["attempts"].append(a)
-    dense_pass = out.get("status") == "pass"
-    out["sparse_vs_narrower"] = {
-        "sparse": {"candidate": sparse.label(), "psnr_y_db": psnr_of(a), "pass": a["pass"]},
-        "narrower": {"candidate": out["chosen"]["candidate"], "psnr_y_db": psnr_of(out["chosen"])}
-        if dense_pass
-        else None,
-    }
-    size_bind = sorted(k for k in select.SIZE_BUDGETS if k in fit.budgets.for_target(target))
-    if a["pass"] and (not dense_pass or psnr_of(a) > psnr_of(out["chosen"])):
-        bind = sorted(set(select.binding(sparse, cands)) | set(size_bind))
-        out.update(status="pass", chosen=a, binding=bind, reason=None)
+    """The target's outcome: status pass (with `chosen`), quality or none, every attempt, the binding budgets.
+
+    After the dense search, the contenders are trained and measured: the sparse candidate (when only file size
+    stops a wider shape) and every other `--methods` entry at the parameter count of the shape the search ended
+    on. Of the passing artifacts, the highest measured PSNR is chosen."""
+    out, base = dense_search(fit, target, cands) if select.ranked(cands) else ({"attempts": []}, None)
+    contenders: list[tuple[str, select.Candidate]] = [("sparse", sparse)] if sparse is not None else []
+    if base is not None and not base.shape.dense:  # the unpruned net needs no pruning method
+        contenders += [(m, base) for m in fit.cfg.methods if m != "channel-l1"]
+    contest = []
+    for name, c in contenders:
+        a = attempt(fit, target, c, "channel-l1" if name == "sparse" else name)
+        if a is None:
+            out.setdefault("refused", []).append({"candidate": c.to_dict(), "contender": name})
+            continue
+        a["contender"] = name
+        out["attempts"].append(a)
+        contest.append(a)
+    ours = [out["chosen"]] if out.get("status") == "pass" else []
+    if contest:
+        out["contest"] = [
+            {
+                "contender": a.get("contender", "channel-l1"),
+                "label": a["label"],
+                "params": (a.get("train") or {}).get("params") or a["candidate"]["shape"]["params"],
+                "psnr_y_db": psnr_of(a),
+                "frame_ms_p90": a["row"].get("frame_ms_p90"),
+                "size_bytes": a["row"].get("size_bytes"),
+                "pass": a["pass"],
+            }
+            for a in ours + contest
+        ]
+    passing = [a for a in ours + contest if a["pass"]]
+    if passing:
+        best = max(passing, key=psnr_of)
+        if best is not out.get("chosen"):
+            bind = out.get("binding") or []
+            if best.get("contender") == "sparse":
+                limits = fit.budgets.for_target(target)
+                bind = sorted(set(select.binding(sparse, cands)) | {k for k in select.SIZE_BUDGETS if k in limits})
+            out.update(status="pass", chosen=best, binding=bind, reason=None)
         return out
     if "status" in out:
         return out
+    a = next((a for a in contest if a.get("contender") == "sparse"), None)
+    if a is None:
+        return {**out, **no_shape(fit, target, cands)}
     limits = fit.budgets.for_target(target)
     if failed(a) == ["min_psnr_db"]:
         cost = limits["min_psnr_db"] - psnr_of(a)
         out.update(
             status="quality",
-            binding=size_bind,
+            binding=sorted(k for k in select.SIZE_BUDGETS if k in limits),
             nearest=sparse.to_dict(),
             reason=(
                 f"on {target}, the widest shape within the other budgets made to fit the file budget with "

@@ -62,17 +62,6 @@ def _sparse_md(t: dict[str, Any]) -> list[str]:
             f"{number((r.get('download_bytes') or 0) / 1024, 1)} | {number(r.get('frame_ms_p90'), 1)} | "
             f"{number(r.get('peak_rss_mb'), 1)} | {why} |"
         )
-    vs = t.get("sparse_vs_narrower")
-    if vs:
-        narrower = vs["narrower"]
-        other = (
-            f"the narrower dense shape ({narrower['candidate']['shape']['fraction']:.3f} "
-            f"{narrower['candidate']['precision']}) {number(narrower['psnr_y_db'], 3)} dB"
-            if narrower
-            else "no narrower dense shape passed"
-        )
-        verdict = "passes" if vs["sparse"]["pass"] else "fails"
-        lines += ["", f"Measured: sparse {number(vs['sparse']['psnr_y_db'], 3)} dB ({verdict}) vs {other}."]
     if not sp["probes"]:
         lines.append("No sparsity of --sparsities can bring the file under the limit.")
     return lines
@@ -114,13 +103,25 @@ def _target_md(name: str, t: dict[str, Any], margin: float) -> list[str]:
             failed = [k for k, v in a["budgets"].items() if not v["pass"]] or ["—"]
             steps = (a.get("train") or {}).get("steps", 0)
             lines.append(
-                f"| {cand['shape']['fraction']:.3f} {cand['precision']}{_sparse(cand)} tile "
-                f"{tile_label(cand['tile'])} | {steps} "
+                f"| {a.get('label') or cand['shape']['fraction']} | {steps} "
                 f"| {number(a.get('torch_psnr_y_db'), 3)} | {number(r.get('psnr_y_db'), 3)} | "
                 f"{number(r.get('frame_ms_p90'), 1)} | {number(r.get('peak_rss_mb'), 1)} | "
                 f"{number(r['size_bytes'] / 1024, 1)} | {', '.join(failed)} |"
             )
     lines += _sparse_md(t)
+    if t.get("contest"):
+        lines += [
+            "",
+            "### Contest at the budget (measured on the target; the highest passing PSNR wins)",
+            "",
+            "| contender | params | Y-PSNR dB | frame p90 ms | KB | passes |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in t["contest"]:
+            lines.append(
+                f"| {e['label']} | {e['params']} | {number(e['psnr_y_db'], 3)} | {number(e['frame_ms_p90'], 1)} | "
+                f"{number((e['size_bytes'] or 0) / 1024, 1)} | {'yes' if e['pass'] else 'no'} |"
+            )
     lines += [
         "",
         f"### Candidates (predicted; a shape is feasible when every prediction meets its budget by {margin:.0%})",
@@ -155,8 +156,8 @@ def render_md(record: dict[str, Any]) -> str:
         "",
         f"- created {record.get('created')}, edgesr at commit {str(prov.get('commit'))[:12]}"
         f"{' (dirty)' if prov.get('dirty') else ''}, on host {prov.get('host')}",
-        f"- model {record['model']} ({s['model']['origin']}); method {s['method']}, {s['steps']} fine-tuning steps "
-        f"per trained candidate, distilled from the unpruned model",
+        f"- model {record['model']} ({s['model']['origin']}); methods {', '.join(s['methods'])}, {s['steps']} "
+        "fine-tuning steps per trained candidate, distilled from the unpruned model",
         f"- shapes measured: keep {', '.join(map(str, s['keeps']))} x width multiples "
         f"{', '.join(map(str, s['round_to']))}; precisions {', '.join(s['precisions'])}; {s['runs']} frames per "
         f"measurement after {s['warmup']} warm-up, {s['threads']} thread(s)",

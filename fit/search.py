@@ -163,7 +163,7 @@ class Fit:
             "kind": "train",
             "model": self.digest,
             "shape": shape.to_dict()["kept"],
-            "method": self.cfg.method,
+            "method": "channel-l1",
             "steps": self.cfg.steps,
             "data": self.cfg.data,
             "test_set": self.cfg.test_set,
@@ -177,6 +177,27 @@ class Fit:
             compact = self.space.compact(shape)
             return stages.train_shape(
                 compact, self.loaded, shape, self.cfg, out, self.test_pairs, self.images, sparsity
+            )
+
+        return self.store.run(key, work, value="psnr_y_db")
+
+    def trained_method(self, method: str, params_fraction: float) -> dict[str, Any]:
+        """Another structured method of compress at a parameter fraction, within the same training budget."""
+        key = {
+            "kind": "train-method",
+            "model": self.digest,
+            "method": method,
+            "params": round(params_fraction, 6),
+            "steps": self.cfg.steps,
+            "data": self.cfg.data,
+            "test_set": self.cfg.test_set,
+            "seed": self.cfg.seed,
+        }
+        out = self.trial_dir(key) / "train"
+
+        def work() -> dict[str, Any]:
+            return stages.train_method(
+                method, self.loaded, params_fraction, self.cfg, out, self.test_pairs, self.images
             )
 
         return self.store.run(key, work, value="psnr_y_db")

@@ -55,17 +55,19 @@ def model_digest(model: nn.Module) -> str:
 
 
 def save_model(
-    model: nn.Module, loaded: LoadedModel, out: Path, shape: Shape, extra: dict[str, Any] | None = None
+    model: nn.Module, loaded: LoadedModel, out: Path, shape: Shape | str, extra: dict[str, Any] | None = None
 ) -> Path:
-    """An edgesr checkpoint of a compact net (rebuilds from the intake's recipe and its recorded shapes)."""
+    """An edgesr checkpoint of a compact net (rebuilds from the intake's recipe and its recorded shapes); `shape`
+    is the fit's shape, or a tag when a method chose the widths."""
+    tag = shape if isinstance(shape, str) else shape.id
     manifest = new_manifest(
         "checkpoint",
         model=loaded.recipe,
-        name=f"{loaded.name}-fit-{shape.id}",
+        name=f"{loaded.name}-fit-{tag}",
         source=loaded.source,
         stats=model_stats(model, loaded.scale),
         scale=loaded.scale,
-        fit={"shape": shape.to_dict()},
+        fit={"shape": shape if isinstance(shape, str) else shape.to_dict()},
         **(extra or {}),
     )
     return save_checkpoint(out, model, manifest, recipe=loaded.recipe)
@@ -184,9 +186,60 @@ def train_shape(
             "ssim_y": scores["mean"]["ssim_y"],
             "test_set": {"name": cfg.test_set, "degradation": cfg.degradation},
             "train": {"config": dataclasses.asdict(train_cfg), "steps": run["steps"], "seconds": run["seconds"]},
-            "pruning": {"method": cfg.method, "shape": shape.to_dict(), "weights": pruning or None},
+            "pruning": {"method": "channel-l1", "shape": shape.to_dict(), "weights": pruning or None},
         },
     )
     what = shape.label() + (f" at {sparsity:.0%} weight sparsity" if sparsity else "")
     log.info("trained %s for %d steps: Y-PSNR %.3f dB on %s", what, run["steps"], psnr, cfg.test_set)
     return {"checkpoint": str(path), "psnr_y_db": psnr, "steps": run["steps"], "seconds": run["seconds"]}
+
+
+def train_method(
+    method: str,
+    loaded: LoadedModel,
+    params_fraction: float,
+    cfg: FitConfig,
+    out: Path,
+    test_pairs: list,
+    images: TrainingSet,
+) -> dict[str, Any]:
+    """Prune the unpruned model with another structured method of compress to `params_fraction` of its
+    parameters within the same training budget (its own search and fine-tune, distilled), and save the compact net
+    with its torch Y-PSNR. The method picks its own widths; the final measurement says what they cost."""
+    from compress.pruning.methods import METHODS as COMPRESS_METHODS
+
+    entry = COMPRESS_METHODS[method]
+    # fmp's weight indicators would only cut file size, which the sparse candidate handles: its channel search here
+    extra = {"weight_sparsity": 0.0} if method == "fmp" else {}
+    config = entry.config(params=min(params_fraction, 0.999), **extra)
+    train_cfg = dataclasses.replace(
+        FINETUNE, steps=cfg.steps, lr=finetune_lr(config.removed), seed=cfg.seed, device=cfg.device
+    )
+    teacher = copy.deepcopy(loaded.model).eval()
+    sampler = PatchSampler(images, loaded.scale, train_cfg.lr_patch, train_cfg.batch_size, train_cfg.seed)
+    data = TrainData(sampler, loaded.scale, teacher, cfg.degradation)
+    torch.manual_seed(cfg.seed)
+    compact, record = entry.run(copy.deepcopy(loaded.model), data, train_cfg, out / method, config, True)
+    runs = list(record.pop("runs").values())
+    compact = compact.cpu().eval()
+    scores = evaluate(compact, test_pairs, loaded.scale)
+    psnr = scores["mean"]["psnr_y_db"]
+    stats = model_stats(compact, loaded.scale)
+    steps, seconds = sum(r["steps"] for r in runs), round(sum(r["seconds"] for r in runs), 1)
+    path = save_model(
+        compact,
+        loaded,
+        out,
+        f"{method}-{params_fraction:.3f}",
+        {
+            "psnr_y_db": psnr,
+            "ssim_y": scores["mean"]["ssim_y"],
+            "test_set": {"name": cfg.test_set, "degradation": cfg.degradation},
+            "train": {"config": dataclasses.asdict(train_cfg), "steps": steps, "seconds": seconds},
+            "pruning": record,
+        },
+    )
+    log.info("%s to %.3f of the parameters, %d steps: Y-PSNR %.3f dB on %s", method, params_fraction, steps, psnr,
+             cfg.test_set)  # fmt: skip
+    return {"checkpoint": str(path), "psnr_y_db": psnr, "steps": steps, "seconds": seconds,
+            "params": stats.get("params")}  # fmt: skip

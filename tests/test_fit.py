@@ -100,10 +100,9 @@ def test_where_only_file_size_binds_the_full_width_sparse_net_competes_by_measur
     by_sparsity = {x["sparsity"]: x for x in probes["probes"]}
     # a one-shot cut at 60 % is still over 300 KB sparse-encoded; 80 % fits, so the search stops there
     assert by_sparsity[0.6]["rejected_by"].keys() == {"max_model_kb"} and by_sparsity[0.8]["rejected_by"] == {}
-    sparse, narrower = t["sparse_vs_narrower"]["sparse"], t["sparse_vs_narrower"]["narrower"]
-    assert narrower is not None and narrower["candidate"]["shape"]["kept"] == {
-        g: 16 for g in narrower["candidate"]["shape"]["kept"]
-    }
+    narrower, sparse = t["contest"]  # the dense search's pass first, then the contender
+    assert narrower["contender"] == "channel-l1" and "widths 16" in narrower["label"] and narrower["pass"]
+    assert sparse["contender"] == "sparse" and "sparse 80%" in sparse["label"]
     attempt = next(a for a in t["attempts"] if a["candidate"]["sparsity"] == 0.8)
     assert attempt["row"]["encoding"] == "sparse" and attempt["row"]["artifact"].startswith("sparse")
     assert attempt["row"]["size_bytes"] <= 300 * 1024 and attempt["pass"]
@@ -114,7 +113,25 @@ def test_where_only_file_size_binds_the_full_width_sparse_net_competes_by_measur
     winner = max((a for a in t["attempts"] if a["pass"]), key=lambda a: a["row"]["psnr_y_db"])
     assert t["chosen"]["row"]["sha256"] == winner["row"]["sha256"]
     assert (sparse["psnr_y_db"] > narrower["psnr_y_db"]) == (t["chosen"]["candidate"]["sparsity"] == 0.8)
-    assert "Weight sparsity" in (root / "sparse" / "fit.md").read_text()
+    md = (root / "sparse" / "fit.md").read_text()
+    assert "Weight sparsity" in md and "Contest at the budget" in md
+
+
+def test_another_method_prunes_to_the_same_parameter_count_and_competes_by_measured_psnr(passed) -> None:
+    root, b, _ = passed
+    storage = f"sqlite:///{(root / 'out' / 'trials.db').absolute()}"
+    proc = fit(root / "fmp", b, "--methods", "channel-l1,fmp", "--storage", storage)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    t = record(root / "fmp")["targets"]["local"]
+    ours, fmp = t["contest"]
+    assert ours["contender"] == "channel-l1" and fmp["contender"] == "fmp"
+    # FMP picks its own widths for the same parameter budget (within one channel's worth of it)
+    assert abs(fmp["params"] - ours["params"]) / ours["params"] < 0.1
+    attempt = next(a for a in t["attempts"] if a["method"] == "fmp")
+    assert attempt["train"]["steps"] == 10 and attempt["row"]["target"] == "local"
+    assert t["chosen"]["row"]["psnr_y_db"] == max(e["psnr_y_db"] for e in t["contest"] if e["pass"])
+    again = fit(root / "fmp", b, "--methods", "fmp")
+    assert again.returncode == 2 and "channel-l1" in again.stderr
 
 
 def test_bad_input_is_one_line_before_any_work(tmp_path: Path) -> None:
