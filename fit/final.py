@@ -18,7 +18,6 @@ from device_bench import budgets as budgets_mod
 from edgesr.errors import TargetFailed
 from fit import select, stages
 from fit.predict import relative_error
-from fit.sparse import pick_row
 
 if TYPE_CHECKING:
     from fit.search import Fit
@@ -26,29 +25,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("fit")
 
 
-def attempt(fit: Fit, target: str, c: select.Candidate, method: str = "channel-l1") -> dict[str, Any] | None:
-    """Train (unless dense), convert and measure one candidate on `target`; None when convert refuses it. Another
-    `method` prunes the model to the candidate's parameter count its own way (its widths, not the candidate's)."""
+def attempt(fit: Fit, target: str, c: select.Candidate, method: str = "channel-l1") -> dict[str, Any]:
+    """Train (unless dense), convert and measure one candidate on `target`. Another `method` prunes the model to
+    the candidate's parameter count its own way (its widths, not the candidate's). When convert refuses the file,
+    the record has `refused` (convert's reason) and nothing else was measured."""
     only = (c.precision, fit.tile_spec(target, c.tile))
-    if method != "channel-l1":
-        run = fit.trained_method(method, c.shape.params_fraction)
-        ckpt, psnr = Path(run["checkpoint"]), run["psnr_y_db"]
-        digest = stages.model_digest(load_model(ModelSpec(checkpoint=ckpt)).model)
-        art = fit.artifacts(lambda p=ckpt: p, digest, f"fit-{method}", only)
-    elif c.shape.dense and not c.sparsity:
+    if method == "channel-l1" and c.shape.dense and not c.sparsity:
         psnr, run = fit.loaded.source.get("psnr_y_db"), None
         digest = fit.digest
         art = fit.artifacts(fit.dense_checkpoint, digest, "dense", only)
     else:
-        run = fit.trained(c.shape, c.sparsity)
+        if method == "channel-l1":
+            run, tag = fit.trained(c.shape, c.sparsity), c.shape.id
+        else:
+            run, tag = fit.trained_method(method, c.shape.params_fraction), method
         ckpt, psnr = Path(run["checkpoint"]), run["psnr_y_db"]
         digest = stages.model_digest(load_model(ModelSpec(checkpoint=ckpt)).model)
-        art = fit.artifacts(lambda p=ckpt: p, digest, f"fit-{c.shape.id}", only)
+        art = fit.artifacts(lambda p=ckpt: p, digest, f"fit-{tag}", only)
     if not art["folders"]:
         log.warning("%s: %s refused by convert: %s", target, c.label(), art["refused"].get(c.precision))
-        return None
+        return {"candidate": c.to_dict(), "method": method, "refused": art["refused"]}
     measured = fit.measure(art["folders"], digest, target, fit.cfg.test_set, only)
-    row = pick_row(measured["rows"], c.precision, c.tile, c.encoding)
+    row = stages.pick_row(measured["rows"], c.precision, c.tile, c.encoding)
     if row is None:
         raise TargetFailed(f"target {target}: no measurement of {c.label()} came back")
     checks = budgets_mod.check(fit.budgets, target, row)
@@ -69,6 +67,11 @@ def attempt(fit: Fit, target: str, c: select.Candidate, method: str = "channel-l
     }
 
 
+def size_budgets(fit: Fit, target: str) -> list[str]:
+    """The file-size budgets `target` has (what binds when sparsity is what made a candidate fit)."""
+    return [k for k in select.SIZE_BUDGETS if k in fit.budgets.for_target(target)]
+
+
 def failed(a: dict[str, Any]) -> list[str]:
     return [k for k, v in a["budgets"].items() if not v["pass"]]
 
@@ -82,12 +85,11 @@ def dense_search(
 ) -> tuple[dict[str, Any], select.Candidate | None]:
     """The best dense candidates in turn (at most `--attempts`) until one passes or misses only on quality; the
     outcome and that candidate (None when every attempt missed another budget)."""
-    limits = fit.budgets.for_target(target)
     out: dict[str, Any] = {"attempts": []}
     for c in select.ranked(cands)[: fit.cfg.attempts]:
         a = attempt(fit, target, c)
-        if a is None:
-            out.setdefault("refused", []).append({"candidate": c.to_dict()})
+        if "refused" in a:
+            out.setdefault("refused", []).append(a)
             continue
         out["attempts"].append(a)
         # what stops the shape growing: the next larger one's predicted misses, and what larger attempts missed
@@ -98,17 +100,8 @@ def dense_search(
             out.update(status="pass", chosen=a, binding=bind)
             return out, c
         if failed(a) == ["min_psnr_db"]:
-            cost = limits["min_psnr_db"] - psnr_of(a)
-            out.update(
-                status="quality",
-                binding=bind,
-                reason=(
-                    f"on {target}, the largest shape within the budgets ({c.label()}) reaches {psnr_of(a):.3f} dB "
-                    f"< min_psnr_db {limits['min_psnr_db']:g} after {fit.cfg.steps} steps; "
-                    f"{', '.join(bind) or 'no budget'} binds; the nearest feasible point costs {cost:.3f} dB"
-                ),
-                nearest=c.to_dict(),
-            )
+            what = f"the largest shape within the budgets ({c.label()})"
+            out.update(quality(fit, target, c, a, bind, what))
             return out, c
         log.warning("%s: %s missed %s as measured; trying the next candidate", target, c.label(), failed(a))
     if out["attempts"] or out.get("refused"):
@@ -118,6 +111,22 @@ def dense_search(
             reason=f"on {target}, the {len(out['attempts'])} best predicted candidates missed budgets as measured",
         )
     return out, None
+
+
+def quality(
+    fit: Fit, target: str, c: select.Candidate, a: dict[str, Any], bind: list[str], what: str
+) -> dict[str, Any]:
+    """The outcome when the candidate the budgets allow misses only `min_psnr_db`: what binds, what it costs."""
+    floor = fit.budgets.for_target(target)["min_psnr_db"]
+    return {
+        "status": "quality",
+        "binding": bind,
+        "nearest": c.to_dict(),
+        "reason": (
+            f"on {target}, {what} reaches {psnr_of(a):.3f} dB < min_psnr_db {floor:g} after {fit.cfg.steps} steps; "
+            f"{', '.join(bind) or 'no budget'} binds; the nearest feasible point costs {floor - psnr_of(a):.3f} dB"
+        ),
+    }
 
 
 def no_shape(fit: Fit, target: str, cands: list[select.Candidate]) -> dict[str, Any]:
@@ -148,10 +157,10 @@ def final(fit: Fit, target: str, cands: list[select.Candidate], sparse: select.C
     contest = []
     for name, c in contenders:
         a = attempt(fit, target, c, "channel-l1" if name == "sparse" else name)
-        if a is None:
-            out.setdefault("refused", []).append({"candidate": c.to_dict(), "contender": name})
-            continue
         a["contender"] = name
+        if "refused" in a:
+            out.setdefault("refused", []).append(a)
+            continue
         out["attempts"].append(a)
         contest.append(a)
     ours = [out["chosen"]] if out.get("status") == "pass" else []
@@ -174,8 +183,7 @@ def final(fit: Fit, target: str, cands: list[select.Candidate], sparse: select.C
         if best is not out.get("chosen"):
             bind = out.get("binding") or []
             if best.get("contender") == "sparse":
-                limits = fit.budgets.for_target(target)
-                bind = sorted(set(select.binding(sparse, cands)) | {k for k in select.SIZE_BUDGETS if k in limits})
+                bind = sorted(set(select.binding(sparse, cands)) | set(size_budgets(fit, target)))
             out.update(status="pass", chosen=best, binding=bind, reason=None)
         return out
     if "status" in out:
@@ -183,19 +191,13 @@ def final(fit: Fit, target: str, cands: list[select.Candidate], sparse: select.C
     a = next((a for a in contest if a.get("contender") == "sparse"), None)
     if a is None:
         return {**out, **no_shape(fit, target, cands)}
-    limits = fit.budgets.for_target(target)
     if failed(a) == ["min_psnr_db"]:
-        cost = limits["min_psnr_db"] - psnr_of(a)
-        out.update(
-            status="quality",
-            binding=sorted(k for k in select.SIZE_BUDGETS if k in limits),
-            nearest=sparse.to_dict(),
-            reason=(
-                f"on {target}, the widest shape within the other budgets made to fit the file budget with "
-                f"{sparse.sparsity:.0%} zero weights ({sparse.label()}) reaches {psnr_of(a):.3f} dB < min_psnr_db "
-                f"{limits['min_psnr_db']:g} after {fit.cfg.steps} steps; the nearest feasible point costs {cost:.3f} dB"
-            ),
+        bind = size_budgets(fit, target)
+        what = (
+            f"the widest shape within the other budgets made to fit the file budget with {sparse.sparsity:.0%} "
+            f"zero weights ({sparse.label()})"
         )
+        out.update(quality(fit, target, sparse, a, bind, what))
         return out
     out.update(
         status="none",

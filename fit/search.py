@@ -158,17 +158,13 @@ class Fit:
         path = self.cfg.out / "shapes" / shape.id
         return stages.save_model(self.space.compact(shape), self.loaded, path, shape)
 
+    def _train_key(self, kind: str, **what: Any) -> dict[str, Any]:
+        """A training trial's key: what it trains, and the model, budget, data, test set and seed of the fit."""
+        return {"kind": kind, "model": self.digest, **what, "steps": self.cfg.steps, "data": self.cfg.data,
+                "test_set": self.cfg.test_set, "seed": self.cfg.seed}  # fmt: skip
+
     def trained(self, shape: Shape, sparsity: float = 0.0) -> dict[str, Any]:
-        key = {
-            "kind": "train",
-            "model": self.digest,
-            "shape": shape.to_dict()["kept"],
-            "method": "channel-l1",
-            "steps": self.cfg.steps,
-            "data": self.cfg.data,
-            "test_set": self.cfg.test_set,
-            "seed": self.cfg.seed,
-        }
+        key = self._train_key("train", shape=shape.to_dict()["kept"], method="channel-l1")
         if sparsity:
             key["sparsity"] = {"target": sparsity, "layers": self.cfg.sparse_layers}
         out = self.trial_dir(key) / "train"
@@ -183,16 +179,7 @@ class Fit:
 
     def trained_method(self, method: str, params_fraction: float) -> dict[str, Any]:
         """Another structured method of compress at a parameter fraction, within the same training budget."""
-        key = {
-            "kind": "train-method",
-            "model": self.digest,
-            "method": method,
-            "params": round(params_fraction, 6),
-            "steps": self.cfg.steps,
-            "data": self.cfg.data,
-            "test_set": self.cfg.test_set,
-            "seed": self.cfg.seed,
-        }
+        key = self._train_key("train-method", method=method, params=round(params_fraction, 6))
         out = self.trial_dir(key) / "train"
 
         def work() -> dict[str, Any]:

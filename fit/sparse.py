@@ -71,7 +71,7 @@ def probe(fit: Fit, target: str, base: select.Candidate) -> tuple[select.Candida
             probes.append({**at, "refused": art["refused"]})
             continue
         rows = fit.measure(art["folders"], digest, target, fit.cfg.measure_test_set, only)["rows"]
-        row = pick_row(rows, base.precision, base.tile, "sparse")
+        row = stages.pick_row(rows, base.precision, base.tile, "sparse")
         if row is None:  # convert wrote no sparse file: no conv tensor was smaller sparse-encoded
             probes.append({**at, "row": None, "why": "no sparse file (nothing smaller sparse-encoded)"})
             continue
@@ -89,15 +89,3 @@ def probe(fit: Fit, target: str, base: select.Candidate) -> tuple[select.Candida
             predicted = {f: float(row[f]) for f in select.PREDICTED if row.get(f) is not None}
             return select.Candidate(base.shape, base.precision, base.tile, predicted, row, sparsity=s), probes
     return None, probes
-
-
-def pick_row(rows: list[dict[str, Any]], precision: str, tile: tuple[int, int], encoding: str) -> dict | None:
-    """The bench row of one artifact: precision, tile and encoding (a convert folder may hold dense and sparse)."""
-    return next(
-        (
-            r
-            for r in rows
-            if r["precision"] == precision and tuple(r["tile"]) == tuple(tile) and r.get("encoding") == encoding
-        ),
-        None,
-    )

@@ -22,6 +22,7 @@ from compress.checkpoint import save_checkpoint
 from compress.data import PatchSampler, TrainingSet
 from compress.evaluate import evaluate, model_stats
 from compress.intake import LoadedModel, ModelSpec
+from compress.pruning.methods import METHODS as COMPRESS_METHODS
 from compress.pruning.methods import magnitude
 from compress.pruning.methods.channel_l1 import ChannelL1FineTune
 from compress.pruning.methods.magnitude import MagnitudeConfig
@@ -140,6 +141,51 @@ def measure(
     return {"rows": rows, "failed": failed, "environment": report.get("environment", {}).get(target, {})}
 
 
+def _distilled(loaded: LoadedModel, cfg: FitConfig, images: TrainingSet, removed: float) -> tuple[Any, TrainData]:
+    """The fit's fine-tuning config for a net missing `removed` of the model, and its data: patches of the
+    training images, the unpruned model as the teacher."""
+    train_cfg = dataclasses.replace(
+        FINETUNE, steps=cfg.steps, lr=finetune_lr(removed), seed=cfg.seed, device=cfg.device
+    )
+    teacher = copy.deepcopy(loaded.model).eval()
+    sampler = PatchSampler(images, loaded.scale, train_cfg.lr_patch, train_cfg.batch_size, train_cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return train_cfg, TrainData(sampler, loaded.scale, teacher, cfg.degradation)
+
+
+def _save_trained(
+    compact: nn.Module,
+    loaded: LoadedModel,
+    shape: Shape | str,
+    cfg: FitConfig,
+    out: Path,
+    test_pairs: list,
+    train_cfg: Any,
+    runs: list[dict[str, Any]],
+    pruning: dict[str, Any],
+) -> dict[str, Any]:
+    """Score a trained net on the test set, save it as a checkpoint with that score; the trial's record."""
+    compact = compact.cpu().eval()
+    scores = evaluate(compact, test_pairs, loaded.scale)
+    psnr = scores["mean"]["psnr_y_db"]
+    steps, seconds = sum(r["steps"] for r in runs), round(sum(r["seconds"] for r in runs), 1)
+    path = save_model(
+        compact,
+        loaded,
+        out,
+        shape,
+        {
+            "psnr_y_db": psnr,
+            "ssim_y": scores["mean"]["ssim_y"],
+            "test_set": {"name": cfg.test_set, "degradation": cfg.degradation},
+            "train": {"config": dataclasses.asdict(train_cfg), "steps": steps, "seconds": seconds},
+            "pruning": pruning,
+        },
+    )
+    params = model_stats(compact, loaded.scale)["params"]
+    return {"checkpoint": str(path), "psnr_y_db": psnr, "steps": steps, "seconds": seconds, "params": params}
+
+
 def train_shape(
     compact: nn.Module,
     loaded: LoadedModel,
@@ -153,45 +199,20 @@ def train_shape(
     """Fine-tune the L1 cut of `shape` for the fit's training budget, distilled from the unpruned model, and with
     `sparsity` prune its weights by magnitude on the way (`cfg.sparse_layers`); save it with its torch Y-PSNR on
     the test set (resumes an interrupted run from `<out>/finetune`)."""
-    removed = 1.0 - shape.params_fraction * (1.0 - sparsity)
-    train_cfg = dataclasses.replace(
-        FINETUNE, steps=cfg.steps, lr=finetune_lr(removed), seed=cfg.seed, device=cfg.device
-    )
-    teacher = copy.deepcopy(loaded.model).eval()
-    sampler = PatchSampler(images, loaded.scale, train_cfg.lr_patch, train_cfg.batch_size, train_cfg.seed)
-    train_data = TrainData(sampler, loaded.scale, teacher, cfg.degradation)
-    torch.manual_seed(cfg.seed)
+    train_cfg, data = _distilled(loaded, cfg, images, 1.0 - shape.params_fraction * (1.0 - sparsity))
     if sparsity:
-        compact, record = magnitude.run(
-            compact,
-            train_data,
-            train_cfg,
-            out / "finetune",
-            MagnitudeConfig(sparsity=sparsity, layers=cfg.sparse_layers),
-        )
-        run, pruning = record["runs"]["train"], {k: v for k, v in record.items() if k != "runs"}
+        config = MagnitudeConfig(sparsity=sparsity, layers=cfg.sparse_layers)
+        compact, weights = magnitude.run(compact, data, train_cfg, out / "finetune", config)
+        runs = list(weights.pop("runs").values())
     else:
-        run = train(compact, train_data, train_cfg, out / "finetune", pruner=ChannelL1FineTune(), resume=True)
-        pruning = {}
-    compact = compact.cpu().eval()
-    scores = evaluate(compact, test_pairs, loaded.scale)
-    psnr = scores["mean"]["psnr_y_db"]
-    path = save_model(
-        compact,
-        loaded,
-        out,
-        shape,
-        {
-            "psnr_y_db": psnr,
-            "ssim_y": scores["mean"]["ssim_y"],
-            "test_set": {"name": cfg.test_set, "degradation": cfg.degradation},
-            "train": {"config": dataclasses.asdict(train_cfg), "steps": run["steps"], "seconds": run["seconds"]},
-            "pruning": {"method": "channel-l1", "shape": shape.to_dict(), "weights": pruning or None},
-        },
-    )
+        runs = [train(compact, data, train_cfg, out / "finetune", pruner=ChannelL1FineTune(), resume=True)]
+        weights = None
+    pruning = {"method": "channel-l1", "shape": shape.to_dict(), "weights": weights}
+    result = _save_trained(compact, loaded, shape, cfg, out, test_pairs, train_cfg, runs, pruning)
     what = shape.label() + (f" at {sparsity:.0%} weight sparsity" if sparsity else "")
-    log.info("trained %s for %d steps: Y-PSNR %.3f dB on %s", what, run["steps"], psnr, cfg.test_set)
-    return {"checkpoint": str(path), "psnr_y_db": psnr, "steps": run["steps"], "seconds": run["seconds"]}
+    log.info("trained %s for %d steps: Y-PSNR %.3f dB on %s", what, result["steps"], result["psnr_y_db"],
+             cfg.test_set)  # fmt: skip
+    return result
 
 
 def train_method(
@@ -206,40 +227,21 @@ def train_method(
     """Prune the unpruned model with another structured method of compress to `params_fraction` of its
     parameters within the same training budget (its own search and fine-tune, distilled), and save the compact net
     with its torch Y-PSNR. The method picks its own widths; the final measurement says what they cost."""
-    from compress.pruning.methods import METHODS as COMPRESS_METHODS
-
     entry = COMPRESS_METHODS[method]
     # fmp's weight indicators would only cut file size, which the sparse candidate handles: its channel search here
     extra = {"weight_sparsity": 0.0} if method == "fmp" else {}
     config = entry.config(params=min(params_fraction, 0.999), **extra)
-    train_cfg = dataclasses.replace(
-        FINETUNE, steps=cfg.steps, lr=finetune_lr(config.removed), seed=cfg.seed, device=cfg.device
-    )
-    teacher = copy.deepcopy(loaded.model).eval()
-    sampler = PatchSampler(images, loaded.scale, train_cfg.lr_patch, train_cfg.batch_size, train_cfg.seed)
-    data = TrainData(sampler, loaded.scale, teacher, cfg.degradation)
-    torch.manual_seed(cfg.seed)
+    train_cfg, data = _distilled(loaded, cfg, images, config.removed)
     compact, record = entry.run(copy.deepcopy(loaded.model), data, train_cfg, out / method, config, True)
     runs = list(record.pop("runs").values())
-    compact = compact.cpu().eval()
-    scores = evaluate(compact, test_pairs, loaded.scale)
-    psnr = scores["mean"]["psnr_y_db"]
-    stats = model_stats(compact, loaded.scale)
-    steps, seconds = sum(r["steps"] for r in runs), round(sum(r["seconds"] for r in runs), 1)
-    path = save_model(
-        compact,
-        loaded,
-        out,
-        f"{method}-{params_fraction:.3f}",
-        {
-            "psnr_y_db": psnr,
-            "ssim_y": scores["mean"]["ssim_y"],
-            "test_set": {"name": cfg.test_set, "degradation": cfg.degradation},
-            "train": {"config": dataclasses.asdict(train_cfg), "steps": steps, "seconds": seconds},
-            "pruning": record,
-        },
-    )
-    log.info("%s to %.3f of the parameters, %d steps: Y-PSNR %.3f dB on %s", method, params_fraction, steps, psnr,
-             cfg.test_set)  # fmt: skip
-    return {"checkpoint": str(path), "psnr_y_db": psnr, "steps": steps, "seconds": seconds,
-            "params": stats.get("params")}  # fmt: skip
+    tag = f"{method}-{params_fraction:.3f}"
+    result = _save_trained(compact, loaded, tag, cfg, out, test_pairs, train_cfg, runs, record)
+    log.info("%s to %.3f of the parameters, %d steps: Y-PSNR %.3f dB on %s", method, params_fraction,
+             result["steps"], result["psnr_y_db"], cfg.test_set)  # fmt: skip
+    return result
+
+
+def pick_row(rows: list[dict[str, Any]], precision: str, tile: tuple[int, int], encoding: str) -> dict | None:
+    """The bench row of one artifact: precision, tile and encoding (a convert folder may hold dense and sparse)."""
+    key = (precision, tuple(tile), encoding)
+    return next((r for r in rows if (r["precision"], tuple(r["tile"]), r.get("encoding")) == key), None)
