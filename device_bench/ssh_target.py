@@ -100,6 +100,7 @@ class SSHTarget(Target):
         self._control_dir: Path | None = None
         self._facts: dict[str, Any] | None = None
         self._runtime_seen: dict[str, Any] | None = None
+        self._connected = False  # whether a command has completed over ssh (so a later ssh failure is a drop)
 
     @classmethod
     def from_config(cls, name: str, entry: dict[str, Any], base_dir: Path) -> SSHTarget:
@@ -195,6 +196,7 @@ class SSHTarget(Target):
             stdout, stderr = out.read(), err.read().decode(errors="replace")
         if proc.returncode == SSH_FAILED:
             raise TargetFailed(f"target {self.name}: {what}: {self.ssh_failure(stderr)}")
+        self._connected = True
         return proc.returncode, stdout, stderr
 
     def ssh_failure(self, stderr: str) -> str:
@@ -223,9 +225,11 @@ class SSHTarget(Target):
         for needle, reason in checks:
             if needle in text:
                 return reason
-        if not text:  # no exit status and no message: the shared connection died, or the remote shell was killed
-            if not self._master_alive():
-                return f"connection dropped: the ssh connection to {where} closed mid-command"
+        # No message of ssh's own: stderr is empty or only the remote command's (the runtime's chatter). Whether the
+        # shared connection is still up tells a dropped link from a killed remote shell, whatever stderr ends with.
+        if (self._connected or not text) and not self._master_alive():
+            return f"connection dropped: the ssh connection to {where} closed mid-command"
+        if not text:
             return f"the session on {where} ended without an exit status (remote shell killed?)"
         return f"ssh to {where} failed: {_last_line(stderr)}"
 

@@ -342,6 +342,17 @@ def test_connection_dropped_mid_run_fails_fast(sshd, photos, tiny_tflite, tmp_pa
     assert "connection dropped" in str(caught[0]), caught[0]
 
 
+def test_a_dead_link_is_a_drop_whatever_the_remote_command_wrote_last(sshd) -> None:
+    target = ssh_target(sshd)
+    assert target._ssh("echo up", "probe")[:2] == (0, b"up\n")
+    for pid in sshd.session_pids():
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not target._master_alive(), 20)
+    chatter = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"  # the runtime's last stderr line
+    assert target.ssh_failure(chatter).startswith("connection dropped: "), target.ssh_failure(chatter)
+    target.close()
+
+
 def _run_until_runner_starts(sshd, target, job) -> tuple[threading.Thread, list[BaseException]]:
     """Start `target.run(job)` in a thread and return once the runner process exists on the device."""
     caught: list[BaseException] = []
