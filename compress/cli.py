@@ -21,6 +21,7 @@ Exit codes: 0 done, 1 the method could not meet its target (IKS) or training div
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -36,6 +37,7 @@ from compress.train import FINETUNE, TRAIN, TrainConfig, TrainData, finetune_lr,
 from edgesr.datasets import lr_degradation
 from edgesr.errors import ArgumentParser, BadInput, run_cli
 from edgesr.images import DEGRADATIONS
+from edgesr.manifest import exclusive_output
 
 log = logging.getLogger("compress")
 METHOD_FIELDS = {name: {f.name for f in dataclasses.fields(m.config)} for name, m in METHODS.items()}
@@ -227,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "eval":
         return _evaluate(args)
+    with exclusive_output(args.out, f"compress {args.command}") if is_main_process() else contextlib.nullcontext():
+        return _train_or_prune(args)
+
+
+def _train_or_prune(args: argparse.Namespace) -> int:
     method = _method_config(args) if args.command == "prune" else None  # flags first: before any slow work
     loaded = _load(args, trainable=True)
     cfg = _train_config(args, loaded.trained, method)

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from edgesr.datasets import sr_folder_files, training_photos
 from edgesr.errors import BadInput
-from edgesr.images import bicubic_downscale, load_rgb, modcrop
+from edgesr.images import bicubic_downscale, check_image_size, load_rgb, modcrop
 
 DEFAULT_CACHE_BYTES = 1 << 30  # decoded images a folder-backed training set keeps in memory
 
@@ -38,8 +38,9 @@ class _Entry:
 def _header_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
+            check_image_size(path, img.size)
             return img.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise BadInput(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 
 

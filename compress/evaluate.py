@@ -7,6 +7,7 @@ Also the model's size figures for manifests: per-layer and total parameters, non
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,18 +16,59 @@ import torch
 from torch import nn
 
 from compress.pruning.layers import conv_like_layers, probe_input, prunable_layers
+from compress.receptive_field import local_receptive_field, tiling_overlap
+from device_bench.runner import tile_regions
 from edgesr.datasets import SRPair
 from edgesr.errors import BadInput
 from edgesr.images import bicubic_upscale, quantize_uint8, to_float
 from edgesr.metrics import mean_scores, sr_scores
 
+log = logging.getLogger(__name__)
+
+
+# An LR image with a side over this is super-resolved in tiles of this side (plus the overlap), as the device
+# runner does, so a large photo costs a tile's activations, not the whole image's (a 6000x4000 photo whole: 8.7 GB).
+EVAL_TILE = 256
+
 
 @torch.no_grad()
-def super_resolve(model: nn.Module, lr: np.ndarray) -> np.ndarray:
-    """uint8 HxWx3 LR -> float32 sHxsWx3 SR (not yet quantized), on the model's device."""
+def super_resolve(model: nn.Module, lr: np.ndarray, tile: int = EVAL_TILE) -> np.ndarray:
+    """uint8 HxWx3 LR -> float32 sHxsWx3 SR (not yet quantized), on the model's device. Images larger than `tile`
+    go through in overlapping tiles stitched as device_bench's runner stitches them (overlap = the measured
+    receptive-field radius + margin), which equals whole-image inference for a model without global statistics."""
+    model.eval()
+    h, w = lr.shape[:2]
+    if max(h, w) <= tile:
+        return _sr(model, lr)
+    overlap = _overlap(model)
+    side = max(tile, 4 * overlap)  # at least half of every tile is its own
+    rows, cols = tile_regions(h, side, overlap), tile_regions(w, side, overlap)
+    out = None
+    for ys, ya, yb in rows:
+        for xs, xa, xb in cols:
+            sr = _sr(model, lr[ys : ys + side, xs : xs + side])
+            if out is None:
+                s = sr.shape[0] // min(side, h)
+                out = np.empty((h * s, w * s, 3), dtype=np.float32)
+            out[ya * s : yb * s, xa * s : xb * s] = sr[(ya - ys) * s : (yb - ys) * s, (xa - xs) * s : (xb - xs) * s]
+    return out
+
+
+def _sr(model: nn.Module, lr: np.ndarray) -> np.ndarray:
     device = next(model.parameters()).device
     x = torch.from_numpy(to_float(lr)).permute(2, 0, 1)[None].to(device)
-    return model.eval()(x)[0].permute(1, 2, 0).float().cpu().numpy()
+    return model(x)[0].permute(1, 2, 0).float().cpu().numpy()
+
+
+def _overlap(model: nn.Module) -> int:
+    """The tiling overlap for `model`, measured once per model object (it depends on the architecture only)."""
+    if not hasattr(model, "_edgesr_eval_overlap"):
+        with torch.enable_grad():  # measured from gradients
+            radius, held = local_receptive_field(model)
+        if held:
+            log.warning("tiled evaluation approximates whole-image output: global statistics in %s", ", ".join(held))
+        object.__setattr__(model, "_edgesr_eval_overlap", tiling_overlap(radius))
+    return model._edgesr_eval_overlap
 
 
 def evaluate(model: nn.Module, pairs: list[SRPair], scale: int) -> dict[str, Any]:

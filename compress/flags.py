@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import types
 import typing
 from collections.abc import Iterable
 from typing import Any
+
+from edgesr.errors import finite_float
 
 
 class ConfigError(ValueError):
@@ -50,16 +51,6 @@ def flag_error(exc: ConfigError, fields_of: type | None = None) -> str:
     if fields_of is not None:
         flag = next((flag_of(f) for f in dataclasses.fields(fields_of) if f.name == exc.field), flag)
     return f"{flag} {exc.message}"
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
 
 
 def _value_type(cls: type, field: dataclasses.Field) -> type:

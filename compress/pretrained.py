@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import os
 import sys
 import tarfile
 import tempfile
@@ -27,7 +26,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from edgesr.errors import ArgumentParser, BadInput, run_cli
+from edgesr.errors import ArgumentParser, BadInput, cache_root, run_cli
 from edgesr.manifest import atomic_output, sha256
 
 log = logging.getLogger(__name__)
@@ -80,8 +79,7 @@ REGISTRY: dict[str, Pretrained] = {
 
 def cache_dir() -> Path:
     """Where fetched weights live: `$EDGESR_CACHE/pretrained`, else `~/.cache/edgesr/pretrained`."""
-    root = os.environ.get("EDGESR_CACHE") or Path.home() / ".cache" / "edgesr"
-    return Path(root).expanduser() / "pretrained"
+    return cache_root() / "pretrained"
 
 
 def entry(name: str) -> Pretrained:

@@ -46,9 +46,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convert import quiet_converters
-from edgesr.errors import ArgumentParser, run_cli
+from edgesr.errors import ArgumentParser, finite_float, run_cli
+from edgesr.manifest import exclusive_output
+
+if TYPE_CHECKING:
+    from compress.intake import ModelSpec
+    from edgesr.workload import Size
 
 DEFAULT_FORMATS = "tflite,coreml"
 DEFAULT_PRECISIONS = "fp32"
@@ -83,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sparse-min",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="a floor: encode a conv's weights sparse only when at least this fraction is zero (default 0: "
         "whenever the sparse form saves bytes)",
@@ -99,8 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_converters()
     # torch and the converters load only past --help
     from compress.intake import spec_from_args
-    from convert.pipeline import parse_formats, parse_precisions
-    from convert.tiles import convert_tiles
     from edgesr.workload import parse_frame, parse_tiles, tile_size
 
     frame = parse_frame(args.frame) if args.frame else None
@@ -108,6 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in tiles or ():
         tile_size(t, frame)  # `frame` needs --frame: say so before loading anything
     spec = spec_from_args(args)
+    with exclusive_output(args.out, "convert"):
+        _convert(args, spec, tiles, frame)
+    return 0
+
+
+def _convert(args: argparse.Namespace, spec: ModelSpec, tiles: tuple | None, frame: Size | None) -> None:
+    from convert.pipeline import parse_formats, parse_precisions
+    from convert.tiles import convert_tiles
+
     convert_tiles(
         spec,
         args.out,
@@ -118,7 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sparse_min=args.sparse_min,
         name=args.name,
     )
-    return 0
 
 
 def entry() -> int:

@@ -27,13 +27,13 @@ import numpy as np
 from torch import nn
 
 from compress.intake import PROBE_SIZE, LoadedModel, ModelSpec, load_model
+from compress.receptive_field import local_receptive_field, tiling_overlap
 from convert import parity
 from convert.lowering import lower_for_conversion
 from convert.ops import check_supported_ops, export_program, op_counts
-from convert.receptive_field import local_receptive_field, tiling_overlap
 from convert.sparse_tflite import MIN_SPARSITY
 from edgesr.errors import BadInput
-from edgesr.manifest import MANIFEST_NAME, new_manifest, sha256, size_bytes, versions, write_json
+from edgesr.manifest import MANIFEST_NAME, as_write_error, new_manifest, sha256, size_bytes, versions, write_json
 from edgesr.progress import progress
 from edgesr.workload import MAX_SIDE, Size, as_size, format_size
 
@@ -296,10 +296,13 @@ def staged(out_dir: Path, prefix: str) -> Iterator[Path]:
         raise BadInput(f"{out_dir}: cannot write into the output folder ({exc.strerror or exc})") from None
     try:
         yield staging
-    except BaseException:
+    except BaseException as exc:
+        error = as_write_error(exc, out_dir) if isinstance(exc, Exception) else exc  # while the disk is still full
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
+        if error is not exc:
+            raise error from exc
         raise
     shutil.rmtree(staging, ignore_errors=True)
 

@@ -62,6 +62,12 @@ def _from_manifest(manifest_path: Path, overlap: int | None, skipped: list[str])
         raise BadInput(f"{manifest_path}: 'artifacts' must be a list")
     tile = m.get("tile") or {}
     io = m.get("io") or {}
+    radius = tile.get("receptive_field_radius")
+    if overlap is not None and isinstance(radius, int) and overlap < radius:
+        raise BadInput(
+            f"--overlap {overlap} is below the receptive-field radius {radius} that {manifest_path} measured: "
+            f"tiles would be stitched with seams; use --overlap {radius} or more (or leave it to the manifest)"
+        )
     found = []
     for entry in entries:
         if not isinstance(entry, dict) or "file" not in entry:

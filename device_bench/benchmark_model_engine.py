@@ -118,7 +118,16 @@ def run_job(adb: Adb, remote_dir: str, job_dir: Path, io: dict[str, Any], settin
         lr = np.load(job_dir / item["path"], allow_pickle=False)
         first = len(tiler.tiles)
         _, n, padded = tiler.upscale(lr)
-        images.append({"name": item["name"], "lr": lr.shape[:2], "first": first, "tiles": n, "padded": padded})
+        images.append(
+            {
+                "name": item["name"],
+                "output": Path(item["path"]).name,  # the host-made input file name; the user's name stays data
+                "lr": lr.shape[:2],
+                "first": first,
+                "tiles": n,
+                "padded": padded,
+            }
+        )
     q = shlex.quote
     with tempfile.TemporaryDirectory(prefix="edgesr-tiles-") as tmp:
         staging = Path(tmp) / "tiles"
@@ -185,7 +194,7 @@ def run_job(adb: Adb, remote_dir: str, job_dir: Path, io: dict[str, Any], settin
     image_rows = []
     for img in images:
         sr, _, _ = tiler.upscale(np.zeros((*img["lr"], 3), np.float32))
-        np.save(out_dir / f"{img['name']}.npy", sr)
+        np.save(out_dir / img["output"], sr)
         image_rows.append(
             {
                 "name": img["name"],
@@ -194,7 +203,7 @@ def run_job(adb: Adb, remote_dir: str, job_dir: Path, io: dict[str, Any], settin
                 "tiles": img["tiles"],
                 "padded": img["padded"],
                 "ms": round(img["tiles"] * timing["latency_ms"]["median"], 4),
-                "output": f"{img['name']}.npy",
+                "output": img["output"],
             }
         )
     tile = [int(in_shape[1]), int(in_shape[2])]

@@ -44,8 +44,9 @@ from device_bench.bench import BenchConfig, run_bench
 from device_bench.report import render
 from device_bench.runner import RUNTIMES
 from device_bench.targets import DEVICE_PYTHON_ENV, TARGET_KINDS
-from edgesr.errors import ArgumentParser, run_cli
+from edgesr.errors import ArgumentParser, finite_float, one_line, run_cli
 from edgesr.images import DEGRADATION_INFO, DEGRADATIONS
+from edgesr.manifest import exclusive_output
 
 log = logging.getLogger("device_bench")
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--min-seconds",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="the frame loop runs at least this long "
         "(and at least --runs frames), as benchmark_model's --min_secs (default 1)",
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--runs", type=int, default=20, help="timed invokes of one tile, and at least as many timed frames (default 20)"
     )
-    b.add_argument("--timeout", type=float, default=600.0, help="seconds per runner call before it fails (600)")
+    b.add_argument("--timeout", type=finite_float, default=600.0, help="seconds per runner call before it fails (600)")
     b.add_argument("--device-python", type=Path, help=f"device Python for the local target (or ${DEVICE_PYTHON_ENV})")
     b.add_argument(
         "--overlap",
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
-        report = render(args.folder, args.budgets)
+        with exclusive_output(args.folder, "device_bench report"):
+            report = render(args.folder, args.budgets)
         log.info("wrote %s (%s)", args.folder / "report.md", "PASS" if report["passed"] else "FAIL")
         return report["exit_code"]
     cfg = BenchConfig(
@@ -165,10 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         tiles=args.tiles,
         min_seconds=args.min_seconds,
     )
-    report = run_bench(cfg)
+    with exclusive_output(args.out, "device_bench bench"):
+        report = run_bench(cfg)
     log.info("wrote %s: %s", args.out / "report.md", "all budgets pass" if report["passed"] else "FAIL")
     for f in report["failed_targets"]:  # one line per failed target, the way run_cli reports an error
-        log.error("error: %s", f["reason"])
+        log.error("error: %s", one_line(f["reason"]))
     for f in report["failed_budgets"]:
         log.info(
             "  FAIL %s %s on %s: %s %.3f vs limit %.3f",

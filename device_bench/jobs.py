@@ -32,12 +32,13 @@ def write_job(
         shutil.rmtree(job_dir)
     (job_dir / "inputs").mkdir(parents=True)
     shutil.copyfile(a.path, job_dir / "model.tflite")
-    for p in pairs:
-        np.save(job_dir / "inputs" / f"{p.name}.npy", to_float(p.lr))
+    files = [f"inputs/{i:04d}.npy" for i in range(len(pairs))]  # the user's image names travel as data only
+    for p, file in zip(pairs, files, strict=True):
+        np.save(job_dir / file, to_float(p.lr))
     job = {
         "runner_version": 1,
         "model": "model.tflite",
-        "inputs": [{"name": p.name, "path": f"inputs/{p.name}.npy"} for p in pairs],
+        "inputs": [{"name": p.name, "path": file} for p, file in zip(pairs, files, strict=True)],
         "out_dir": "out",
         "tile": a.tile,
         "overlap": a.overlap,
@@ -51,8 +52,8 @@ def write_job(
     }
     if workload is not None and workload.frame is not None:
         name = f"frame-{format_size(workload.frame)}"
-        np.save(job_dir / "inputs" / f"{name}.npy", make_frame(to_float(pairs[0].lr), workload.frame))
-        job["frames"] = [{"name": name, "path": f"inputs/{name}.npy"}]
+        np.save(job_dir / "inputs" / "frame.npy", make_frame(to_float(pairs[0].lr), workload.frame))
+        job["frames"] = [{"name": name, "path": "inputs/frame.npy"}]
     write_json(job_dir / "job.json", job)
 
 

@@ -76,7 +76,8 @@ RUNTIMES = {
     "tensorflow": ("tensorflow", "lite.Interpreter", ("tensorflow", "tensorflow-cpu", "tf-nightly")),
 }
 EXIT_FAILED, EXIT_INVALID, EXIT_NO_RUNTIME = 1, 2, 3
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a path component the host wrote (no "..", no spaces)
+MAX_NAME_CHARS = 255
 _MEMORY_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem", "VmSwap")
 MAX_MIN_SECONDS = 3600.0  # a frame loop never runs longer than this, whatever the job asks
 
@@ -443,8 +444,11 @@ def _image_list(job: dict[str, Any], key: str, path: Path) -> list[dict[str, Any
     if not isinstance(items, list) or not items:
         raise invalid("bad-job", f"{path}: {key!r} must be a non-empty list")
     for item in items:
-        if not isinstance(item, dict) or not _NAME.match(str(item.get("name", ""))) or "path" not in item:
-            raise invalid("bad-job", f"{path}: each of {key!r} needs a plain 'name' and a 'path', got {item!r}")
+        # The name is data (the user's file name, reported back as it is); the path is the host's own and plain.
+        name, rel = (item.get("name"), item.get("path")) if isinstance(item, dict) else (None, None)
+        plain = isinstance(rel, str) and all(_NAME.match(part) for part in rel.split("/"))
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS or not plain:
+            raise invalid("bad-job", f"{path}: each of {key!r} needs a 'name' and a plain relative 'path'")
     return items
 
 
@@ -574,7 +578,8 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
         t0 = time.perf_counter_ns()
         sr, tiles, padded = model.upscale(lr)
         ms = _ms(t0)
-        np.save(out_dir / f"{name}.npy", sr)
+        output = path.name  # the input's own (host-made) file name: the user's name never names a file here
+        np.save(out_dir / output, sr)
         images.append(
             {
                 "name": name,
@@ -583,7 +588,7 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
                 "tiles": tiles,
                 "padded": padded,
                 "ms": round(ms, 4),
-                "output": f"{name}.npy",
+                "output": output,
             }
         )
         del lr, sr

@@ -31,7 +31,9 @@ def entry(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     if args[0] not in STAGES:
-        print(f"error: unknown command '{args[0]}'; known: {', '.join(STAGES)}", file=sys.stderr)
+        from edgesr.errors import one_line
+
+        print(f"error: {one_line(f'unknown command {args[0]!r}; known: ' + ', '.join(STAGES))}", file=sys.stderr)
         return 2
     module, prefix, _ = STAGES[args[0]]
     from edgesr.errors import run_cli

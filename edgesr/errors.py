@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -49,17 +52,65 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     (the converters and their dependencies raise many) go to a log file, not the console (`warnings_log`)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     captured = capture_warnings()
+    _terminate_by_unwinding()
     try:
         return main(argv)
     except EdgesrError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # no space, read-only, a folder that vanished: the path and the OS's reason, exit 2
+        print(f"error: {one_line(os_error_text(exc))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"terminated by {exc.name}", file=sys.stderr)
+        return 128 + exc.signum
     finally:
         if captured is not None and captured.count:
             logging.getLogger("edgesr").info("(%d library warning(s) logged to %s)", captured.count, captured.path)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: raised where the program was, so every `finally` (staging folders, temp files,
+    child processes) runs before the command exits with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+def _terminate_by_unwinding() -> None:
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second signal of the kind kills at once
+        raise Terminated(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, handler)
+
+
+MAX_MESSAGE_CHARS = 400  # an error line is one line of at most this many characters, whatever the input held
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` as one line (whitespace runs, newlines included, become one space) of at most `limit` characters; a
+    longer one keeps its start and end around an ellipsis (the file name leads, the reason often ends)."""
+    if len(text) > 64 * limit:  # a message holding a huge value: never join gigabytes just to cut them
+        text = text[: 32 * limit] + " ... " + text[-32 * limit :]
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    keep = (limit - 5) // 2
+    return f"{text[:keep]} ... {text[-keep:]}"
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError as the user should read it: the path(s) and the OS's reason ("No space left on device")."""
+    reason = exc.strerror or exc.__class__.__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else f"{reason} ({exc})"
 
 
 # Loggers whose records stay on the console: edgesr's packages, and the root logger (which the converters' own
@@ -71,8 +122,12 @@ def warnings_log_path() -> Path:
     """Where third-party warnings go: $EDGESR_LOG, else <cache>/logs/warnings.log (EDGESR_CACHE or ~/.cache/edgesr)."""
     if os.environ.get("EDGESR_LOG"):
         return Path(os.environ["EDGESR_LOG"])
-    cache = Path(os.environ.get("EDGESR_CACHE") or Path.home() / ".cache" / "edgesr")
-    return cache / "logs" / "warnings.log"
+    return cache_root() / "logs" / "warnings.log"
+
+
+def cache_root() -> Path:
+    """edgesr's per-user cache (fetched weights, logs, output locks): $EDGESR_CACHE, else ~/.cache/edgesr."""
+    return Path(os.environ.get("EDGESR_CACHE") or Path.home() / ".cache" / "edgesr").expanduser()
 
 
 class _CountingFileHandler(logging.FileHandler):
@@ -112,6 +167,17 @@ def capture_warnings() -> _CountingFileHandler | None:
     for console in logging.getLogger().handlers:
         console.addFilter(third_party_to_file)
     return handler
+
+
+def finite_float(text: str) -> float:
+    """argparse type for a float flag: NaN and infinities are refused (they pass every range check unnoticed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text[:80]!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text[:80]!r}")
+    return value
 
 
 class ArgumentParser(argparse.ArgumentParser):

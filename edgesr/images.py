@@ -34,17 +34,46 @@ DEGRADATION_INFO: dict[str, str] = {
 DEGRADATIONS = tuple(DEGRADATION_INFO)
 
 
+# The largest image edgesr reads (a 8K frame is 33 Mpx): a header claiming more is refused before decoding, so no
+# image file, a "decompression bomb" included, makes a command allocate without bound.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as an HxWx3 uint8 RGB array (grey and RGBA are converted)."""
+    """Read an image file as an HxWx3 uint8 RGB array: grey and RGBA are converted, 16-bit images are scaled to
+    8 bit (their high byte, as Pillow reads 16-bit RGB), anything else not 8-bit is refused, never clipped."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path}: no such image file")
     try:
         with Image.open(path) as img:
+            check_image_size(path, img.size)
             img.load()
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+            return _to_rgb8(path, img)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise BadInput(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+
+
+def check_image_size(path: Path, size_wh: tuple[int, int]) -> None:
+    """BadInput if an image of `size_wh` (from its header) is larger than edgesr reads."""
+    w, h = size_wh
+    if w * h > MAX_IMAGE_PIXELS:
+        raise BadInput(
+            f"{path}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS // 1_000_000} Mpx edgesr reads; "
+            "crop or downscale it first"
+        )
+
+
+def _to_rgb8(path: Path, img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (PNG/TIFF), or 32-bit integer
+        grey = np.asarray(img).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise BadInput(f"{path}: {img.mode} pixels outside 0..65535; save it as an 8- or 16-bit image")
+        grey8 = (grey >> 8).astype(np.uint8)
+        return np.repeat(grey8[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        raise BadInput(f"{path}: floating-point pixels (mode F) have no fixed range; save it as an 8- or 16-bit image")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
 def save_png(path: str | os.PathLike, img: np.ndarray) -> None:

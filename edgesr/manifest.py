@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import functools
 import hashlib
 import importlib.metadata
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesr import __version__
-from edgesr.errors import BadInput
+from edgesr.errors import BadInput, cache_root
 
 MANIFEST_NAME = "manifest.json"
 
@@ -46,7 +47,10 @@ def atomic_output(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
         tmp = Path(name)
     target = tmp / path.name if is_dir else tmp
     try:
-        yield target
+        try:
+            yield target
+        except Exception as exc:
+            raise as_write_error(exc, path) from exc
         if not is_dir:  # mkstemp creates 0600; give the file the permissions a plain open() would
             umask = os.umask(0)
             os.umask(umask)
@@ -64,6 +68,52 @@ def atomic_output(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def exclusive_output(out_dir: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold `out_dir` for this run: a second edgesr run into the same folder is refused (BadInput) while this one
+    lives, instead of both writing. The lock is a file in the cache, not in `out_dir`, so a refused or failed run
+    leaves nothing in the folder; the kernel drops it when the process ends, however it ends."""
+    import fcntl
+
+    resolved = Path(out_dir).expanduser().resolve()
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / (hashlib.sha256(str(resolved).encode()).hexdigest()[:24] + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another edgesr run"
+            raise BadInput(
+                f"{out_dir}: {holder} is writing into this folder; wait for it to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{command} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def as_write_error(exc: Exception, path: Path) -> Exception:
+    """What to raise for `exc` from writing `path`: an OSError naming `path` when the OS's own had no file name,
+    or when a library (torch.save, Core ML, the converters) failed its own way on a full disk; else `exc`."""
+    if isinstance(exc, OSError):
+        if exc.filename is None and exc.errno is not None:
+            return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+        return exc
+    if not isinstance(exc, BadInput) and _nearly_full(path if path.is_dir() else path.parent):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return exc
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically, pretty-printed, with a trailing newline."""
     with atomic_output(path) as tmp:
@@ -78,27 +128,67 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+# What a config (budgets, targets) file may hold: it is read whole, so a hostile one must not cost memory. Anchors
+# and aliases are allowed, but a value is counted each time an alias repeats it (a "billion laughs" file is refused).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 50
+MAX_JSON_BYTES = 256 << 20  # manifests and reports edgesr wrote; a bigger one is not one of ours
+
+
 def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
-    """A YAML document, or BadInput naming the file when it is missing or not YAML (`what`: e.g. "budgets file")."""
+    """A YAML document, or BadInput naming the file when it is missing, not YAML, or too big to be a config
+    (`what`: e.g. "budgets file"): over MAX_YAML_BYTES, MAX_YAML_VALUES values (aliases expanded) or
+    MAX_YAML_DEPTH levels."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such {what}")
+    path = _bounded_file(path, what, MAX_YAML_BYTES)
     try:
-        return yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise BadInput(f"{path}: nested deeper than a {what} can be (at most {MAX_YAML_DEPTH} levels)") from None
+    _check_yaml_extent(doc, path, what)
+    return doc
+
+
+def _check_yaml_extent(doc: Any, path: Path, what: str) -> None:
+    """BadInput if `doc` has more than MAX_YAML_VALUES values (each alias use counted again) or is deeper than
+    MAX_YAML_DEPTH; the walk stops at the limit, so it costs no more than that."""
+    stack, seen = [(doc, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise BadInput(f"{path}: more than {MAX_YAML_VALUES} values (aliases expanded); not a {what}")
+        if depth > MAX_YAML_DEPTH:
+            raise BadInput(f"{path}: nested deeper than a {what} can be (at most {MAX_YAML_DEPTH} levels)")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for kv in value.items() for v in kv)
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _bounded_file(path: str | os.PathLike, what: str, limit: int) -> Path:
+    """`path` if it is a file of at most `limit` bytes, else a one-line BadInput."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: {'not a regular file' if path.exists() else 'no such ' + what}")
+    size = path.stat().st_size
+    if size > limit:
+        raise BadInput(f"{path}: {size} bytes; a {what} here is at most {limit} bytes")
+    return path
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such file")
+    path = _bounded_file(path, "file", MAX_JSON_BYTES)
     try:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BadInput(f"{path}: nested too deep to be an edgesr file") from None
     if not isinstance(obj, dict):
         raise BadInput(f"{path}: expected a JSON object")
     return obj

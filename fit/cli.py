@@ -42,7 +42,8 @@ from pathlib import Path
 
 from compress.intake import add_model_arguments, spec_from_args
 from convert import quiet_converters
-from edgesr.errors import ArgumentParser, BadInput, run_cli
+from edgesr.errors import ArgumentParser, BadInput, finite_float, run_cli
+from edgesr.manifest import exclusive_output
 from fit.config import METHODS, FitConfig
 
 log = logging.getLogger("fit")
@@ -55,9 +56,9 @@ def _default(name: str) -> object:
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise BadInput(f"{flag}: expected comma-separated numbers, got {text[:80]!r}") from None
+        return tuple(finite_float(x) for x in text.split(",") if x.strip())
+    except (ValueError, argparse.ArgumentTypeError):
+        raise BadInput(f"{flag}: expected comma-separated finite numbers, got {text[:80]!r}") from None
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -90,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--min-channels", type=int, default=_default("min_channels"), help="narrowest group width")
     s.add_argument(
-        "--margin", type=float, default=_default("margin"), help="headroom predictions must leave (default %(default)s)"
+        "--margin",
+        type=finite_float,
+        default=_default("margin"),
+        help="headroom predictions must leave (default %(default)s)",
     )
     s.add_argument("--measure-test-set", default=_default("measure_test_set"), help="quality pass of the shape stage")
     t = p.add_argument_group("training the chosen shape")
@@ -119,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("measurement")
     m.add_argument("--runs", type=int, default=_default("runs"), help="frames per measurement (at least)")
     m.add_argument("--warmup", type=int, default=_default("warmup"))
-    m.add_argument("--min-seconds", type=float, default=_default("min_seconds"))
+    m.add_argument("--min-seconds", type=finite_float, default=_default("min_seconds"))
     m.add_argument("--threads", type=int, default=_default("threads"))
-    m.add_argument("--timeout", type=float, default=_default("timeout_s"), help="seconds per target job")
+    m.add_argument("--timeout", type=finite_float, default=_default("timeout_s"), help="seconds per target job")
     m.add_argument("--device-python", type=Path, help="the local target's device Python")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<out>/trials.db)")
     return p
@@ -168,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_converters()
     from fit import run_fit
 
-    record, code = run_fit(cfg)  # every input is validated before slow work; a failed target is exit 3
+    with exclusive_output(cfg.out, "edgesr fit"):
+        record, code = run_fit(cfg)  # every input is validated before slow work; a failed target is exit 3
     for name, t in record["targets"].items():
         if t["status"] == "pass":
             c = t["chosen"]

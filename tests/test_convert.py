@@ -20,11 +20,11 @@ from torch import nn
 from compress.checkpoint import save_checkpoint
 from compress.models import create_model
 from compress.pruning.methods.magnitude import prune_once
+from compress.receptive_field import receptive_field_radius
 from conftest import run_module
 from convert import coreml, mil_exec
 from convert.cli import main
 from convert.pipeline import PRECISIONS, WEIGHT_KEYS, convert_checkpoint, parse_formats, parse_precisions
-from convert.receptive_field import receptive_field_radius
 from convert.tflite import tflite_op_counts
 from convert.verify import Tolerance, check
 from edgesr.errors import BadInput, CheckFailed, run_cli
