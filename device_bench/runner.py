@@ -13,8 +13,10 @@ A job is files only (so a local subprocess, ssh and adb all work the same way):
              "runtime_requirements": {"xnnpack": false}, "memory_phases": "auto",
              "frames": [{"name": "frame", "path": "inputs/frame.npy"}], "min_seconds": 1.0}   (the last four optional)
   Relative paths are relative to the folder holding job.json. Inputs and frames are LR images, float32 HxWx3 in
-  [0, 1]. The runner writes <out_dir>/<name>.npy (float32 HxWx3, the model's unclipped output) for each input and
-  <out_dir>/result.json. `frames` (default: the inputs) are the workload: what an app would feed the model.
+  [0, 1]. Input paths are plain (letters, digits, ".", "_", "+", "-" per component); names are free text, data only.
+  The runner writes <out_dir>/<input file name> (float32 HxWx3, the model's unclipped output) for each input, and
+  <out_dir>/result.json, whose images[].output names that file. `frames` (default: the inputs) are the workload:
+  what an app would feed the model.
 
 Models have a fixed input size (the tile). An image is cut into tiles that overlap by `overlap` LR pixels on each
 side; each tile contributes only its interior (the outer `overlap` pixels are discarded, except at the image

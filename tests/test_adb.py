@@ -233,12 +233,17 @@ def fresh_job(root: Path, name: str, pairs: list, artifact: Artifact, cfg: Bench
 
 
 @pytest.fixture(scope="module")
-def local_reference(job: tuple) -> tuple[Path, dict]:
-    """The local target's outputs folder and scores on the same job."""
+def local_reference(job: tuple) -> tuple[dict[str, np.ndarray], dict]:
+    """The local target's SR output per image name, and its scores, on the same job."""
     root, pairs, artifact, cfg = job
     job_dir = fresh_job(root, "local", pairs, artifact, cfg)
     result = LocalTarget(Path(find_device_python())).run(job_dir)
-    return job_dir / "out", score_outputs(result, job_dir / "out", pairs, 2)
+    return sr_outputs(result, job_dir), score_outputs(result, job_dir / "out", pairs, 2)
+
+
+def sr_outputs(result: dict, job_dir: Path) -> dict[str, np.ndarray]:
+    """The runner's SR arrays by the user's image name (its files are named by the host, not by the user)."""
+    return {img["name"]: np.load(job_dir / "out" / img["output"]) for img in result["images"]}
 
 
 def test_runner_engine_matches_local_target(server: int, job: tuple, local_reference: tuple, tmp_path: Path) -> None:
@@ -257,10 +262,10 @@ def test_runner_engine_matches_local_target(server: int, job: tuple, local_refer
         result = target.run(job_dir)
         info = target.info()
     scores = score_outputs(result, job_dir / "out", pairs, 2)
-    ref_out, ref_scores = local_reference
+    ours, (ref_out, ref_scores) = sr_outputs(result, job_dir), local_reference
     for p in pairs:
         assert scores[p.name]["psnr_y_db"] == ref_scores[p.name]["psnr_y_db"]
-        np.testing.assert_array_equal(np.load(job_dir / "out" / f"{p.name}.npy"), np.load(ref_out / f"{p.name}.npy"))
+        np.testing.assert_array_equal(ours[p.name], ref_out[p.name])
     assert sorted(workdir.iterdir()) == []  # the per-run folder is gone
     assert info["device_model"] == "Pixel 7" and info["android_version"] == "14" and info["os"] == "Android 14"
     assert info["kind"] == "adb" and info["engine"] == "runner" and info["cpu_governor"]
@@ -455,11 +460,11 @@ def test_runner_engine_in_arm64_vm(server: int, job: tuple, local_reference: tup
         leftovers = adb.shell(["ls", "-A", "/tmp/edgesr adb; 'x'"]).out.split()
     assert result["machine"] == "aarch64" and result["runtime"]["name"] == "ai_edge_litert"
     scores = score_outputs(result, job_dir / "out", pairs, 2)
-    ref_out, ref_scores = local_reference
+    ours, (ref_out, ref_scores) = sr_outputs(result, job_dir), local_reference
     for p in pairs:
         # arm64 and x86 XNNPACK kernels accumulate fp32 in different orders: outputs agree to ~1e-6, and the PSNR
         # of the 8-bit quantized result to ~1e-6 dB (measured: 8.4e-7 dB), not bit for bit.
-        diff = np.abs(np.load(job_dir / "out" / f"{p.name}.npy") - np.load(ref_out / f"{p.name}.npy")).max()
+        diff = np.abs(ours[p.name] - ref_out[p.name]).max()
         assert diff < 1e-4, f"{p.name}: max |arm64 - x86| = {diff}"
         assert scores[p.name]["psnr_y_db"] == pytest.approx(ref_scores[p.name]["psnr_y_db"], abs=1e-4)
     assert info["emulated"] is True and info["machine"] == "aarch64" and leftovers == []

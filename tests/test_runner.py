@@ -257,6 +257,29 @@ def test_bad_memory_and_delegate_fields(
     assert proc.returncode == 2 and "runner error [bad-job]" in proc.stderr and needle in proc.stderr
 
 
+@pytest.mark.parametrize("rel", ["../escape.npy", "in 'puts'; x/a.npy", "/abs/a.npy", "a b.npy", ""])
+def test_runner_refuses_odd_input_paths(model: tuple[Path, object], tmp_path: Path, rel: str) -> None:
+    job = make_job(tmp_path / "job", model[0], {"z": np.zeros((70, 70, 3), np.float32)}, overlap=14)
+    spec = json.loads(job.read_text())
+    spec["inputs"] = [{"name": "a name with 'quotes'; and spaces", "path": rel}]
+    job.write_text(json.dumps(spec))
+    proc = run(["--job", str(job)], cwd=tmp_path)
+    assert proc.returncode == 2 and "needs a 'name' and a plain relative 'path'" in proc.stderr
+    assert not (tmp_path / "job" / "out").exists()
+
+
+def test_user_names_are_data_and_outputs_take_the_input_file_name(model: tuple[Path, object], tmp_path: Path) -> None:
+    job = make_job(tmp_path / "job", model[0], {"z": np.zeros((70, 70, 3), np.float32)}, overlap=14)
+    spec = json.loads(job.read_text())
+    spec["inputs"] = [{"name": "kodim 23; rm -rf ~ 'x'", "path": "inputs/z.npy"}]
+    job.write_text(json.dumps(spec))
+    proc = run(["--job", str(job)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "job" / "out" / "result.json").read_text())
+    assert [(i["name"], i["output"]) for i in result["images"]] == [("kodim 23; rm -rf ~ 'x'", "z.npy")]
+    assert sorted(p.name for p in (tmp_path / "job" / "out").iterdir()) == ["result.json", "z.npy"]
+
+
 def test_describe_reports_shapes_runtime_and_encoding(model: tuple[Path, object], tmp_path: Path) -> None:
     proc = run(["--describe", str(model[0])], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
