@@ -53,7 +53,7 @@ def torch_load(path: str | Path) -> Any:
     """torch.load a user file safely (weights_only) with a one-line error for anything unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise BadInput(f"{path}: no such checkpoint file")
+        raise BadInput(f"{path}: {'not a regular file' if path.exists() else 'no such checkpoint file'}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:

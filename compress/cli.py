@@ -33,7 +33,7 @@ from typing import Any
 from compress.flags import ConfigError, add_config_flags, build_config, flag_error, given
 from compress.intake import LoadedModel, add_model_arguments, load_model, spec_from_args
 from compress.pruning.methods import METHODS
-from compress.train import FINETUNE, TRAIN, TrainConfig, TrainData, finetune_lr, is_main_process, train
+from compress.train import FINETUNE, STATE_NAME, TRAIN, TrainConfig, TrainData, finetune_lr, is_main_process, train
 from edgesr.datasets import lr_degradation
 from edgesr.errors import ArgumentParser, BadInput, run_cli
 from edgesr.images import DEGRADATIONS
@@ -229,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "eval":
         return _evaluate(args)
-    with exclusive_output(args.out, f"compress {args.command}") if is_main_process() else contextlib.nullcontext():
+    with (
+        exclusive_output(args.out, f"compress {args.command}", resumable=(f"**/{STATE_NAME}",))
+        if is_main_process()
+        else contextlib.nullcontext()
+    ):
         return _train_or_prune(args)
 
 

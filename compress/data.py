@@ -125,7 +125,9 @@ class PatchSampler:
         self.images = images
         self.usable = [i for i, e in enumerate(images.entries) if min(e.hr_size) >= lr_patch * scale]
         if not self.usable:
-            raise BadInput(f"no training image is at least {lr_patch * scale}px on its short side")
+            raise BadInput(
+                f"--patch {lr_patch}: no training image is at least {lr_patch * scale}px (x{scale}) on its short side"
+            )
         areas = torch.tensor(
             [
                 float((images.entries[i].hr_size[0] // scale) * (images.entries[i].hr_size[1] // scale))

@@ -31,8 +31,8 @@ from torch import nn
 
 from compress.checkpoint import load_state, read_checkpoint, torch_load, unwrap_state_dict
 from compress.models import PRESETS, create_model, factory_recipe, preset_recipe
-from compress.models.factory import build_factory_model, first_line
-from edgesr.errors import BadInput
+from compress.models.factory import build_factory_model
+from edgesr.errors import BadInput, first_line
 from edgesr.manifest import sha256
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,8 @@ def parse_factory_args(text: str | None) -> dict[str, Any]:
         args = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadInput(f"--factory-args: not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:
+        raise BadInput("--factory-args: nested deeper than Python's JSON reader allows") from None
     if not isinstance(args, dict):
         raise BadInput(f"--factory-args: expected a JSON object of keyword arguments, got {type(args).__name__}")
     return args
@@ -227,11 +229,15 @@ class ExportedModule(nn.Module):
 def load_exported(path: Path) -> torch.export.ExportedProgram:
     """torch.export.load a .pt2 file, with a one-line error for anything else."""
     if not path.is_file():
-        raise BadInput(f"{path}: no such file")
+        raise BadInput(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    export_log = logging.getLogger("torch.export")
+    level, export_log.level = export_log.level, logging.CRITICAL  # it logs its own traceback for a damaged file
     try:
         return torch.export.load(path)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign or damaged archives
         raise BadInput(f"{path}: not a torch.export program (.pt2): {first_line(exc)}") from None
+    finally:
+        export_log.setLevel(level)
 
 
 def exported_input_size(program: torch.export.ExportedProgram, path: Path) -> int | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ from edgesr.progress import progress
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state.pt"
+
+
+# LR pixels in one step's batch (batch x patch^2): 256x the default, beyond which a step's activations alone would
+# need tens of GB; a limit checked before any allocation.
+MAX_STEP_LR_PIXELS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,20 @@ class TrainConfig:
         require(0.0 <= self.warmup < 1.0, "warmup", f"must be in [0, 1), got {self.warmup}")
         require(0.0 < self.lr_min_ratio <= 1.0, "lr_min_ratio", f"must be in (0, 1], got {self.lr_min_ratio}")
         require(0.0 <= self.distill <= 1.0, "distill", f"must be in [0, 1], got {self.distill}")
+        require(
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+            "device",
+            f"must be auto, cpu, mps, cuda or cuda:N, got {self.device[:40]!r}",
+        )
+        pixels = self.batch_size * self.lr_patch**2
+        field = "lr_patch" if self.lr_patch**2 > MAX_STEP_LR_PIXELS // 16 else "batch_size"
+        require(
+            pixels <= MAX_STEP_LR_PIXELS,
+            field,
+            f"{getattr(self, field)}: {self.batch_size} patches of {self.lr_patch}x{self.lr_patch} LR pixels a step "
+            f"is {pixels:,} pixels, more than the {MAX_STEP_LR_PIXELS:,} edgesr allows (default: 16 of 32x32); "
+            "lower --batch-size or --patch",
+        )
 
 
 # Training from scratch (a preset or factory without weights).

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from compress.models.factory import first_line
-from edgesr.errors import BadInput
+from edgesr.errors import BadInput, first_line
 
 # The one allowlist of operators a model may use, as torch.export (ATen) names: what litert-torch lowers to
 # TFLite builtins, coremltools converts to MIL, and convert.mil_exec executes (its MIL counterparts: conv, add,

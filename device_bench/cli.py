@@ -42,6 +42,7 @@ from pathlib import Path
 from device_bench.artifacts import DEFAULT_OVERLAP
 from device_bench.bench import BenchConfig, run_bench
 from device_bench.report import render
+from device_bench.results import RESULTS_NAME
 from device_bench.runner import RUNTIMES
 from device_bench.targets import DEVICE_PYTHON_ENV, TARGET_KINDS
 from edgesr.errors import ArgumentParser, finite_float, one_line, run_cli
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tiles=args.tiles,
         min_seconds=args.min_seconds,
     )
-    with exclusive_output(args.out, "device_bench bench"):
+    with exclusive_output(args.out, "device_bench bench", resumable=(RESULTS_NAME,)):
         report = run_bench(cfg)
     log.info("wrote %s: %s", args.out / "report.md", "all budgets pass" if report["passed"] else "FAIL")
     for f in report["failed_targets"]:  # one line per failed target, the way run_cli reports an error

@@ -28,7 +28,7 @@ def test_set_fingerprint(pairs: list[SRPair]) -> str:
     """sha256 of the test images as measured (names, HR and LR pixels): a changed image is a new measurement."""
     h = hashlib.sha256()
     for p in pairs:
-        h.update(p.name.encode() + b"\0" + str(p.hr.shape).encode() + p.hr.tobytes() + p.lr.tobytes())
+        h.update(os.fsencode(p.name) + b"\0" + str(p.hr.shape).encode() + p.hr.tobytes() + p.lr.tobytes())
     return h.hexdigest()
 
 

@@ -96,7 +96,16 @@ def _matplotlib_sample(name: str) -> Path:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The files of `folder`, sorted; hidden names and sub-folders are skipped, anything else that is not a
+    regular file (a FIFO, a device, a dangling or looping link) is an error rather than silently dropped."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.is_dir():
+            continue
+        if not p.is_file():
+            raise BadInput(f"{p}: not a regular file (a FIFO, device or broken link?); remove it from {folder}")
+        files.append(p)
+    return files
 
 
 def _find_lr_folder(root: Path, scale: int) -> Path | None:
@@ -189,15 +198,16 @@ def load_test_set(name_or_folder: str | Path, scale: int, degradation: str = "pi
     pairs = []
     for name, hr_path, lr_path in sr_folder_files(folder, scale):
         if lr_path is None:
-            pairs.append(_pair(name, load_rgb(hr_path), scale, degradation))
-            continue
-        hr, lr = modcrop(load_rgb(hr_path), scale), load_rgb(lr_path)
-        if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
-            raise BadInput(f"{lr_path}: LR size {lr.shape[1]}x{lr.shape[0]} is not 1/{scale} of its HR")
-        pairs.append(SRPair(name, hr, lr))
-    for p in pairs:
-        if min(p.lr.shape[:2]) < 12:
-            raise BadInput(f"{folder / p.name}: too small for x{scale} ({p.hr.shape[1]}x{p.hr.shape[0]})")
+            pair = _pair(name, load_rgb(hr_path), scale, degradation)
+        else:
+            hr, lr = modcrop(load_rgb(hr_path), scale), load_rgb(lr_path)
+            if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
+                raise BadInput(f"{lr_path}: LR size {lr.shape[1]}x{lr.shape[0]} is not 1/{scale} of its HR")
+            pair = SRPair(name, hr, lr)
+        if min(pair.lr.shape[:2]) < 12:
+            h, w = pair.lr.shape[:2]
+            raise BadInput(f"{hr_path}: too small a test image for x{scale} (LR {w}x{h}; at least 12 px a side)")
+        pairs.append(pair)
     return pairs
 
 

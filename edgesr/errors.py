@@ -13,9 +13,10 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 EXIT_OK = 0
 EXIT_BUDGET_FAILED = 1  # device_bench: at least one budget failed (also: a command's own check failed)
@@ -76,19 +77,56 @@ class Terminated(BaseException):
     """SIGTERM or SIGHUP arrived: raised where the program was, so every `finally` (staging folders, temp files,
     child processes) runs before the command exits with 128 + the signal number."""
 
-    def __init__(self, signum: int) -> None:
+    signum = 0
+
+    def __init__(self, signum: int | None = None) -> None:
+        signum = self.signum if signum is None else signum
         super().__init__(signum)
         self.signum, self.name = signum, signal.Signals(signum).name
+
+
+_BY_SIGNAL: dict[int, type[Terminated]] = {}
+
+
+def _terminated_class(signum: int) -> type[Terminated]:
+    """Terminated for one signal as a class of its own that takes no argument: what an asynchronous raise needs."""
+    if signum not in _BY_SIGNAL:
+        _BY_SIGNAL[signum] = type(f"Terminated{signal.Signals(signum).name}", (Terminated,), {"signum": signum})
+    return _BY_SIGNAL[signum]
 
 
 def _terminate_by_unwinding() -> None:
     def handler(signum: int, frame: object) -> None:
         signal.signal(signum, signal.SIG_DFL)  # a second signal of the kind kills at once
-        raise Terminated(signum)
+        raise _terminated_class(signum)()
 
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, handler)
+        sys.unraisablehook = _reraise_swallowed_signals(sys.unraisablehook)
+
+
+def _reraise_swallowed_signals(previous: Callable[..., object]) -> Callable[..., object]:
+    """A signal whose handler ran inside a callback Python cannot propagate from (a gc callback, `__del__`, a
+    weakref finaliser; jax installs a gc callback) would be printed as "Exception ignored" and the run would go on
+    to exit 0. This hook raises it again in the main thread, once that thread is back in ordinary code: from a
+    helper thread, since an exception set from here would fire inside the hook itself (and be swallowed again)."""
+    import ctypes
+
+    def raise_in_main(kind: type[BaseException], ident: int) -> None:
+        time.sleep(0.001)  # let the main thread leave the hook and the callback it ran in
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(kind))
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not isinstance(exc, Terminated | KeyboardInterrupt):
+            previous(unraisable)
+            return
+        kind = type(exc) if isinstance(exc, KeyboardInterrupt) else _terminated_class(exc.signum)
+        ident = threading.main_thread().ident
+        threading.Thread(target=raise_in_main, args=(kind, ident), name="edgesr-reraise", daemon=True).start()
+
+    return hook
 
 
 MAX_MESSAGE_CHARS = 400  # an error line is one line of at most this many characters, whatever the input held
@@ -104,6 +142,13 @@ def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
         return text
     keep = (limit - 5) // 2
     return f"{text[:keep]} ... {text[-keep:]}"
+
+
+def first_line(exc: BaseException) -> str:
+    """'ValueError: feats must be even' (bounded): an exception from code not ours, for a one-line error."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{exc.__class__.__name__}: {first[:200]}" if first else exc.__class__.__name__
 
 
 def os_error_text(exc: OSError) -> str:

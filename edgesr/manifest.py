@@ -7,6 +7,7 @@ involved, and stage-specific fields. Artifacts are recorded with their size and 
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import datetime as _dt
 import errno
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesr import __version__
-from edgesr.errors import BadInput, cache_root
+from edgesr.errors import BadInput, Terminated, cache_root
 
 MANIFEST_NAME = "manifest.json"
 
@@ -69,16 +70,20 @@ def atomic_output(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
 
 
 @contextlib.contextmanager
-def exclusive_output(out_dir: str | os.PathLike, command: str) -> Iterator[None]:
+def exclusive_output(out_dir: str | os.PathLike, command: str, resumable: tuple[str, ...] = ()) -> Iterator[None]:
     """Hold `out_dir` for this run: a second edgesr run into the same folder is refused (BadInput) while this one
     lives, instead of both writing. The lock is a file in the cache, not in `out_dir`, so a refused or failed run
-    leaves nothing in the folder; the kernel drops it when the process ends, however it ends."""
+    leaves nothing in the folder; the kernel drops it when the process ends, however it ends.
+
+    A folder this run created is removed again when the run fails on bad input, an OS error (a full disk) or a
+    signal, unless it holds something a rerun resumes from (a file matching one of the `resumable` globs)."""
     import fcntl
 
     resolved = Path(out_dir).expanduser().resolve()
+    existed = resolved.exists()
     locks = cache_root() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    path = locks / (hashlib.sha256(str(resolved).encode()).hexdigest()[:24] + ".lock")
+    path = locks / (hashlib.sha256(os.fsencode(resolved)).hexdigest()[:24] + ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
@@ -90,7 +95,12 @@ def exclusive_output(out_dir: str | os.PathLike, command: str) -> Iterator[None]
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{command} (pid {os.getpid()})".encode(), 0)
-        yield
+        try:
+            yield
+        except (BadInput, OSError, KeyboardInterrupt, Terminated):
+            if not existed and resolved.is_dir() and not any(any(resolved.glob(g)) for g in resumable):
+                shutil.rmtree(resolved, ignore_errors=True)
+            raise
     finally:
         os.close(fd)
 
@@ -144,13 +154,37 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
 
     path = _bounded_file(path, what, MAX_YAML_BYTES)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.load(path.read_text(), Loader=_strict_loader())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     except RecursionError:
         raise BadInput(f"{path}: nested deeper than a {what} can be (at most {MAX_YAML_DEPTH} levels)") from None
     _check_yaml_extent(doc, path, what)
     return doc
+
+
+def _strict_loader() -> type:
+    """yaml's SafeLoader, refusing a key given twice in one mapping (safe_load keeps the last one silently, so
+    `max_peak_mb: 1` followed by `max_peak_mb: 100000` would pass a budget the user meant to set)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            keys = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden: not a repeat
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, collections.abc.Hashable):
+                    if key in keys:
+                        mark = key_node.start_mark
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {str(key)[:80]!r} given twice in one mapping", mark
+                        )
+                    keys.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def _check_yaml_extent(doc: Any, path: Path, what: str) -> None:
@@ -201,7 +235,7 @@ def sha256(path: str | os.PathLike) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
+            h.update(os.fsencode(f.relative_to(path)) + b"\0")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)

@@ -22,7 +22,12 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float64) @ _Y_WEIGHTS + 16.0
 
 
-def _prepare(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+# Images are measured in strips of about this many pixels, so a 24-megapixel photo costs a few strips' float64
+# planes, not a dozen whole-image ones; an image up to this size is one strip (and bit-identical to whole-image).
+STRIP_PIXELS = 1 << 22
+
+
+def _cropped(sr: np.ndarray, hr: np.ndarray, crop_border: int) -> tuple[np.ndarray, np.ndarray]:
     if sr.dtype != np.uint8 or hr.dtype != np.uint8:
         raise TypeError(f"metrics take uint8 images (quantize SR first); got {sr.dtype} and {hr.dtype}")
     if sr.shape != hr.shape:
@@ -34,15 +39,35 @@ def _prepare(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool) 
         hr = hr[crop_border:-crop_border, crop_border:-crop_border]
     if sr.size == 0:
         raise ValueError("nothing left to measure after cropping the border")
-    if y_channel:
-        return rgb_to_y(sr), rgb_to_y(hr)
-    return sr.astype(np.float64), hr.astype(np.float64)
+    return sr, hr
+
+
+def _as_float(img: np.ndarray, y_channel: bool) -> np.ndarray:
+    return rgb_to_y(img) if y_channel else img.astype(np.float64)
+
+
+def _row_strips(height: int, width: int, halo: int) -> list[tuple[int, int]]:
+    """[start, stop) input rows of each strip; consecutive strips share `halo` rows, so a 'valid' filter of
+    `halo` + 1 taps sees every window exactly once."""
+    rows = max(halo + 1, STRIP_PIXELS // max(width, 1))
+    strips, start = [], 0
+    while True:
+        stop = min(height, start + rows)
+        strips.append((start, stop))
+        if stop == height:
+            return strips
+        start = stop - halo
 
 
 def psnr(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool = True) -> float:
     """Peak signal-to-noise ratio in dB (peak 255)."""
-    a, b = _prepare(sr, hr, crop_border, y_channel)
-    mse = float(np.mean((a - b) ** 2))
+    sr, hr = _cropped(sr, hr, crop_border)
+    total, count = 0.0, 0
+    for start, stop in _row_strips(sr.shape[0], sr.shape[1], 0):
+        d = _as_float(sr[start:stop], y_channel) - _as_float(hr[start:stop], y_channel)
+        total += float(np.sum(d * d))
+        count += d.size
+    mse = total / count
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
@@ -60,26 +85,34 @@ def _filter_valid(img: np.ndarray, g: np.ndarray) -> np.ndarray:
     return sum(g[j] * rows[:, j : w - k + 1 + j] for j in range(k))
 
 
-def _ssim_plane(a: np.ndarray, b: np.ndarray) -> float:
+def _ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     g = _gaussian_window()
-    if min(a.shape) < len(g):
-        raise ValueError(f"image too small for SSIM's 11x11 window: {a.shape}")
     mu_a, mu_b = _filter_valid(a, g), _filter_valid(b, g)
     var_a = _filter_valid(a * a, g) - mu_a**2
     var_b = _filter_valid(b * b, g) - mu_b**2
     cov = _filter_valid(a * b, g) - mu_a * mu_b
     num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
     den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    return float(np.mean(num / den))
+    return num / den
 
 
 def ssim(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool = True) -> float:
     """Structural similarity; on RGB it is the mean over the three channels."""
-    a, b = _prepare(sr, hr, crop_border, y_channel)
-    if y_channel:
-        return _ssim_plane(a, b)
-    return float(np.mean([_ssim_plane(a[..., c], b[..., c]) for c in range(a.shape[2])]))
+    sr, hr = _cropped(sr, hr, crop_border)
+    window = len(_gaussian_window())
+    if min(sr.shape[:2]) < window:
+        raise ValueError(f"image too small for SSIM's 11x11 window: {sr.shape[:2]}")
+    channels = 1 if y_channel else sr.shape[2]
+    totals, count = np.zeros(channels), 0
+    for start, stop in _row_strips(sr.shape[0], sr.shape[1], window - 1):
+        a, b = _as_float(sr[start:stop], y_channel), _as_float(hr[start:stop], y_channel)
+        planes = [(a, b)] if y_channel else [(a[..., c], b[..., c]) for c in range(channels)]
+        for c, (pa, pb) in enumerate(planes):
+            m = _ssim_map(pa, pb)
+            totals[c] += float(np.sum(m))
+        count += m.size
+    return float(np.mean(totals / count))
 
 
 def sr_scores(sr: np.ndarray, hr: np.ndarray, scale: int) -> dict[str, float]:

@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_converters()
     from fit import run_fit
 
-    with exclusive_output(cfg.out, "edgesr fit"):
+    with exclusive_output(cfg.out, "edgesr fit", resumable=("trials.db", "trials/*")):
         record, code = run_fit(cfg)  # every input is validated before slow work; a failed target is exit 3
     for name, t in record["targets"].items():
         if t["status"] == "pass":

@@ -85,3 +85,16 @@ class FitConfig:
                 raise BadInput(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)}")
         if self.out.exists() and not self.out.is_dir():
             raise BadInput(f"{self.out}: --out exists and is not a folder")
+        if self.storage is not None:
+            check_storage_url(self.storage)
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse an Optuna storage that is not an SQLAlchemy URL (sqlite:///x.db, postgresql://...), before any work."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise BadInput(f"--storage: {url[:200]!r} is not a database URL (e.g. sqlite:///trials.db)") from None

@@ -82,8 +82,11 @@ class Fit:
             raise BadInput(f"{cfg.model.origin}: {exc}") from None
         self.digest = stages.model_digest(self.loaded.model)
         self.target_ids = {t: self._target_id(t) for t in cfg.targets}
+        if cfg.storage:  # a database of the user's: opened (and refused) before --out is made
+            self.store = TrialStore(cfg.storage)
         cfg.out.mkdir(parents=True, exist_ok=True)
-        self.store = TrialStore(cfg.storage or default_storage(cfg.out))
+        if not cfg.storage:
+            self.store = TrialStore(default_storage(cfg.out))
         self.refused: dict[str, str] = {}  # precision -> why convert refused it (for some shape)
 
     def trial_dir(self, key: dict[str, Any]) -> Path:

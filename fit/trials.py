@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgesr.errors import BadInput, first_line
+
 log = logging.getLogger("fit")
 
 STUDY_NAME = "edgesr-fit"
@@ -59,7 +61,12 @@ class TrialStore:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._optuna = optuna
         self.storage = storage
-        self.study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True)
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            self.study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True)
+        except (SQLAlchemyError, ImportError) as exc:  # an unreachable server, a missing driver
+            raise BadInput(f"--storage {storage[:200]}: cannot open the trial database: {first_line(exc)}") from None
         self.poll_s, self.stale_after_s = poll_s, stale_after_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.reused: list[str] = []

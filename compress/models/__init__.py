@@ -20,7 +20,7 @@ from torch import nn
 
 from compress.models.edsr import EDSR, EDSRConfig, edsr_config
 from compress.models.edsr import PRESETS as EDSR_PRESETS
-from compress.models.factory import build_factory_model, factory_file_sha256
+from compress.models.factory import bounded_build, build_factory_model, factory_file_sha256
 from compress.models.rdn import PRESETS as RDN_PRESETS
 from compress.models.rdn import RDN, RDNConfig, rdn_config
 from edgesr.errors import BadInput
@@ -50,7 +50,8 @@ def create_model(name: str, scale: int = 2, **overrides: Any) -> nn.Module:
         raise BadInput(f"unknown model '{name}'; known: {', '.join(list_models())}, or MODULE:FACTORY")
     try:
         cls, make_config = PRESETS[name]
-        return cls(make_config(name, scale, **overrides))
+        config = make_config(name, scale, **overrides)
+        return bounded_build(lambda: cls(config), f"model '{name}'")
     except (TypeError, ValueError) as exc:
         raise BadInput(f"model '{name}': {exc}") from None
 
@@ -74,7 +75,8 @@ def build_from_spec(spec: dict[str, Any], origin: str = "checkpoint") -> nn.Modu
     if unknown:
         raise BadInput(f"{origin}: unknown {arch} config keys: {', '.join(sorted(unknown))}")
     try:
-        return cls(cfg_cls(**cfg))
+        config = cfg_cls(**cfg)
+        return bounded_build(lambda: cls(config), origin)
     except (TypeError, ValueError) as exc:
         raise BadInput(f"{origin}: bad {arch} config: {exc}") from None
 

@@ -1,7 +1,8 @@
 """User model factories: `module:function` or `path/to/file.py:function`, called with keyword arguments.
 
-The factory is the user's own code. It is imported and called once per build; any failure it raises, or a result
-that is not an `nn.Module`, is a one-line BadInput naming the factory. A `.py` path is imported under a name
+The factory is the user's own code. It is imported and called twice per build: once on torch's meta device, to
+count the parameters before any memory is spent (see bounded_build), then for real; any failure it raises, or a
+result that is not an `nn.Module`, is a one-line BadInput naming the factory. A `.py` path is imported under a name
 derived from its resolved path, so two files with the same stem do not clash and dataclasses in it still work.
 """
 
@@ -11,20 +12,16 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from edgesr.errors import BadInput
-
-
-def first_line(exc: BaseException) -> str:
-    """'ValueError: feats must be even' (bounded), for one-line errors about user code."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{exc.__class__.__name__}: {first[:200]}" if first else exc.__class__.__name__
+from edgesr.errors import BadInput, first_line
 
 
 def split_factory(factory: str) -> tuple[str, str]:
@@ -53,7 +50,7 @@ def import_module(module_name: str) -> Any:
         path = Path(module_name)
         if not path.is_file():
             raise BadInput(f"{path}: no such Python file")
-        unique = f"edgesr_user_model_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+        unique = f"edgesr_user_model_{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:16]}"
         if unique in sys.modules:
             return sys.modules[unique]
         spec = importlib.util.spec_from_file_location(unique, path)
@@ -77,6 +74,30 @@ def import_module(module_name: str) -> Any:
         raise BadInput(f"--model: importing {module_name} failed: {first_line(exc)}") from None
 
 
+MAX_MODEL_PARAMS = 1 << 28  # 268M parameters (1 GiB of float32): 6x EDSR's full paper model; more is a mistake
+
+
+def bounded_build(build: Callable[[], Any], origin: str) -> Any:
+    """`build()`, after the same call on torch's meta device (shapes only, no memory) showed a model of at most
+    MAX_MODEL_PARAMS parameters and buffers: a typo such as n_feats 100000 is refused before it allocates 360 GB.
+    A builder that cannot run on the meta device (it loads files, computes on tensors) is built for real."""
+    try:
+        with torch.device("meta"):
+            shaped = build()
+    except BadInput:
+        raise
+    except Exception:  # noqa: BLE001 - user code may not run on meta tensors; the real build reports its errors
+        shaped = None
+    if isinstance(shaped, nn.Module):
+        count = sum(t.numel() for t in [*shaped.parameters(), *shaped.buffers()])
+        if count > MAX_MODEL_PARAMS:
+            raise BadInput(
+                f"{origin}: the model would hold {count:,} parameters ({4 * count / 2**30:.1f} GiB as float32), "
+                f"more than the {MAX_MODEL_PARAMS:,} edgesr builds; check its size arguments"
+            )
+    return build()
+
+
 def build_factory_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
     """Import `module:function`, call it with `kwargs`; it must return an nn.Module."""
     module_name, func_name = split_factory(factory)
@@ -84,7 +105,9 @@ def build_factory_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
     if not callable(func):
         raise BadInput(f"--model {factory}: {module_name} has no callable '{func_name}'")
     try:
-        model = func(**kwargs)
+        model = bounded_build(lambda: func(**kwargs), f"--model {factory}")
+    except BadInput:
+        raise
     except Exception as exc:  # noqa: BLE001 - user code
         raise BadInput(f"--model {factory}: {func_name}(**{json.dumps(kwargs)}) failed: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
