@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,10 +16,10 @@ REPO = Path(__file__).resolve().parent.parent
 TILE = 64
 
 
-def run_module(module: str, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: object, timeout: float = 600, **popen: Any) -> subprocess.CompletedProcess:
     """`python -m <module> args...` from the repo root, as a user runs it; output captured as text."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def find_device_python() -> str:

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from edgesr import metrics
 from edgesr.images import quantize_uint8
 from edgesr.metrics import mean_scores, psnr, rgb_to_y, ssim
 
@@ -63,3 +64,14 @@ def test_quantize_rounds_to_nearest_and_clips():
 
 def test_mean_scores_averages_db():
     assert mean_scores([{"psnr_y_db": 30.0}, {"psnr_y_db": 40.0}]) == {"psnr_y_db": 35.0}
+
+
+def test_large_images_are_measured_in_strips_with_the_whole_image_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    hr = rng.integers(0, 256, (157, 203, 3), dtype=np.uint8)
+    sr = np.clip(hr.astype(np.int16) + rng.integers(-12, 13, hr.shape), 0, 255).astype(np.uint8)
+    whole = [psnr(sr, hr, 2), ssim(sr, hr, 2), psnr(sr, hr, 3, y_channel=False), ssim(sr, hr, 3, y_channel=False)]
+    monkeypatch.setattr(metrics, "STRIP_PIXELS", 3000)  # 14 rows of 203 pixels per strip: a dozen strips
+    assert len(metrics._row_strips(153, 199, 10)) > 10
+    strips = [psnr(sr, hr, 2), ssim(sr, hr, 2), psnr(sr, hr, 3, y_channel=False), ssim(sr, hr, 3, y_channel=False)]
+    assert strips == pytest.approx(whole, rel=1e-12)

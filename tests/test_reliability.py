@@ -112,6 +112,24 @@ def test_an_error_about_a_huge_or_multiline_value_is_one_bounded_line(bench_env:
     assert " ... " in line and len(line) <= 420
 
 
+def test_a_model_too_large_to_build_is_refused_before_it_allocates(tmp_path: Path) -> None:
+    args = ["eval", "--model", "edsr-tiny", "--factory-args", '{"scale": 2, "n_feats": 100000}']
+    proc = run_module("compress", *args, preexec_fn=limited(1 << 30))  # 360 GB of weights, in 1 GB of memory
+    one_error(proc, 2, "edsr-tiny", "parameters", "check its size arguments")
+
+
+def test_a_fifo_or_device_in_a_test_set_is_refused_without_blocking(bench_env: dict, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    shutil.copytree(bench_env["photos"], photos)
+    os.mkfifo(photos / "fifo.png")  # opening it would wait for a writer forever
+    out = tmp_path / "out"
+    one_error(bench({**bench_env, "photos": photos}, out), 2, str(photos / "fifo.png"), "not a regular file")
+    (photos / "fifo.png").unlink()
+    (photos / "zero.png").symlink_to("/dev/zero")  # reading it would never end
+    one_error(bench({**bench_env, "photos": photos}, out), 2, str(photos / "zero.png"), "not a regular file")
+    assert not out.exists()
+
+
 def test_a_decompression_bomb_header_is_refused_before_decoding(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.png"
     Image.new("L", (9000, 9000)).save(bomb)  # 81 Mpx that compress to a few KB
@@ -212,17 +230,41 @@ def test_unreadable_checkpoint_content_and_os_errors_are_one_line_exit_2(tmp_pat
     one_error(proc, 2, str(blocker))
 
 
+FULL_DISK = {
+    "convert": ["convert", "--checkpoint", CHECKPOINT, "--tile", 64],
+    "compress prune": ["compress", "prune", "--checkpoint", CHECKPOINT, "--sparsity", 0.5, "--steps", 1]
+    + ["--batch-size", 2, "--patch", 12, "--device", "cpu", "--test-set", "butterfly"],
+}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI and make test run as root)")
-def test_a_full_disk_is_exit_2_naming_the_output_and_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", sorted(FULL_DISK))
+def test_a_full_disk_is_exit_2_naming_the_output_and_leaves_nothing(tmp_path: Path, command: str) -> None:
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", disk], check=True)
     try:
-        proc = run_module("convert", "--checkpoint", CHECKPOINT, "--out", disk / "out", "--tile", 64)
+        proc = run_module(*FULL_DISK[command], "--out", disk / "out")
         one_error(proc, 2, str(disk / "out"), "No space left on device")
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", disk], check=True)
+
+
+def test_a_duplicate_yaml_key_is_refused_not_silently_overwritten(bench_env: dict, tmp_path: Path) -> None:
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text("defaults:\n  max_peak_mb: 1\n  max_peak_mb: 100000\n")  # which one did the user mean?
+    one_error(bench(bench_env, tmp_path / "out", "--budgets", budgets), 2, str(budgets), "max_peak_mb")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_trial_storage_url_is_refused_before_any_output(tmp_path: Path) -> None:
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text("defaults:\n  max_frame_ms: 1000\n")
+    out = tmp_path / "out"
+    args = ["--checkpoint", CHECKPOINT, "--budgets", budgets, "--out", out, "--storage", "not-a-url"]
+    one_error(run_module("fit", *args), 2, "--storage", "not-a-url", "is not a database URL")
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------ late or partial failure
@@ -244,10 +286,47 @@ def test_a_terminated_convert_removes_its_staging_folder(tmp_path: Path) -> None
     assert not out.exists()  # the folder it created, staging inside it, all gone
 
 
+SWALLOWING_CALLBACK = """
+import gc, pathlib, sys, time
+from edgesr.errors import run_cli
+slept = []
+def slow(phase, info):  # jax installs a gc callback too: a signal can land in one
+    if phase == "start" and not slept:
+        slept.append(1)
+        pathlib.Path(sys.argv[1]).write_text("in the callback")
+        time.sleep(3)
+def main(argv):
+    gc.callbacks.append(slow)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 8:
+            gc.collect()
+        return 0
+    finally:
+        pathlib.Path(sys.argv[1]).write_text("finally ran")
+raise SystemExit(run_cli(main, []))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_whose_handler_runs_in_a_gc_callback_still_stops_the_run(tmp_path: Path, sig: int) -> None:
+    script, flag = tmp_path / "swallow.py", tmp_path / "flag"
+    script.write_text(SWALLOWING_CALLBACK)
+    proc = subprocess.Popen([sys.executable, str(script), str(flag)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not flag.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(sig)  # Python raises it inside the callback, which cannot propagate it
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), stderr[-2000:]
+    assert flag.read_text() == "finally ran" and "Exception ignored" not in stderr
+
+
 def test_image_names_are_data_spaces_quotes_and_shell_syntax_included(bench_env: dict, tmp_path: Path) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
-    names = ["a b", 'it\'s "q"', "$(touch pwned)", "ünï", "-dash"]
+    names = ["a b", 'it\'s "q"', "$(touch pwned)", "ünï", "-dash", os.fsdecode(b"caf\xe9 latin-1")]
     crop = load_rgb(bench_env["photos"] / "monarch.png")[:64, :64]
     for name in names:
         save_png(photos / f"{name}.png", crop)
