@@ -1,14 +1,19 @@
-"""Benchmark: PSNR and step time of dense, gradual magnitude pruning and IKS at several sparsities, one table.
+"""Benchmark: pruning methods side by side at equal steps, against the dense model given the same steps.
 
-Every pruned row is a real `python -m compress prune` run from the same dense checkpoint with the same data,
-steps, batch, learning rate, seed and layer set (default: the architecture's sparse layers, e.g. EDSR's body
-convs, which is what IKS gates), so the rows differ only by method and target. The dense row is the starting
-checkpoint itself; its step time is a plain training step of the same model (no pruner), timed in-process.
+Every row is a real `python -m compress` run from the same checkpoint with the same data, steps, batch, seed
+and flags, so rows differ only by method, target and the flags of a named variant. The reference is **dense-ft**:
+the unpruned model fine-tuned for the same steps with the same loop (`compress train --checkpoint`, at the peak
+learning rate the pruned rows use); every row's Δ is against its mean. The untouched checkpoint is shown too.
+With several `--seeds`, each row is the mean over them, and ± is half the range (max − min) / 2.
 
-    python benchmarks/prune_tradeoff.py --checkpoint checkpoints/edsr-tiny-x2/model.pt --steps 1000 \\
-        --out runs/bench-prune --jobs 2
+    python benchmarks/prune_tradeoff.py --steps 2000 --seeds 0,1 --jobs 2 --out runs/bench-weights
+    python benchmarks/prune_tradeoff.py --suite channels --targets 0.5 --steps 2000 --seeds 0,1 --jobs 2 \\
+        --out runs/bench-channels
+    python benchmarks/prune_tradeoff.py --methods magnitude --variant "iks-ref=--method iks --finish reference" \\
+        --targets 0.8 --steps 1000 --out runs/bench-iks
 
-Runs are kept in --out/<method>-<target>/ and resumed or reused when re-run (delete the folder to redo one).
+A variant is NAME=FLAGS: a row named NAME whose `compress prune` gets FLAGS (which include its --method) on top
+of the suite's. Runs are kept in --out/<row>-<target>-s<seed>/ and reused when re-run (delete one to redo it).
 This is a benchmark: it prints figures and writes --out/prune_tradeoff.{json,md}; it asserts nothing.
 """
 
@@ -17,10 +22,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,11 +39,14 @@ SUITES = {
     "weights": {"methods": "magnitude,iks", "targets": "0.5,0.8,0.9"},
     "channels": {"methods": "fmp,channel-only,channel-l1", "targets": "0.5,0.3"},
 }
+DENSE_FT = "dense-ft"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints/edsr-tiny-x2/model.pt")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    p.add_argument("--checkpoint", default=str(REPO / "checkpoints/edsr-tiny-x2/model.pt"))
     p.add_argument("--out", type=Path, default=REPO / "runs/bench-prune")
     p.add_argument("--suite", default="weights", choices=SUITES, help="weights (default) or channels")
     p.add_argument(
@@ -46,129 +54,150 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list: sparsities (weights suite, default 0.5,0.8,0.9) or kept params "
         "fractions (channels suite, default 0.5,0.3)",
     )
-    p.add_argument("--methods", help="methods to compare (default: the suite's)")
+    p.add_argument("--methods", help="methods to compare (default: the suite's); '' for variants only")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS", help="an extra row (repeatable)")
     p.add_argument("--weight-sparsity", type=float, default=0.3, help="channels suite: FMP's weight sparsity (0.3)")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps per run, every method (default 1000)")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps per run, every row (default 1000)")
+    p.add_argument("--seeds", default="0", help="comma list of seeds; each row is run once per seed (default 0)")
     p.add_argument("--layers", default="default", help="layer set for every method (default: the arch's sparse set)")
     p.add_argument("--test-set", default="sporco")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel; threads are split between them")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / jobs)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--extra", default="", help="extra flags passed to every `compress prune` run, as one string")
+    p.add_argument("--dense-lr", type=float, default=5e-4, help="dense-ft's peak lr (default 5e-4, FINETUNE.lr)")
+    p.add_argument("--no-dense-ft", action="store_true", help="skip the dense fine-tune rows")
+    p.add_argument("--extra", default="", help="extra flags for every run, dense-ft included, as one string")
     return p.parse_args(argv)
 
 
-def run_prune(args: argparse.Namespace, method: str, target: float, threads: int) -> dict:
-    out = args.out / f"{method}-{target:g}"
+def rows_to_run(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(row name, its own compress flags) for the methods and the variants."""
+    methods = args.methods if args.methods is not None else SUITES[args.suite]["methods"]
+    rows = [(m.strip(), ["--method", m.strip()]) for m in methods.split(",") if m.strip()]
+    for spec in args.variant:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name.strip() or "--method" not in flags:
+            raise SystemExit(f"--variant {spec!r}: expected NAME=FLAGS with FLAGS holding --method")
+        rows.append((name.strip(), shlex.split(flags)))
+    return rows
+
+
+def run_one(args: argparse.Namespace, name: str, flags: list[str], target: float, seed: int, threads: int) -> dict:
+    out = args.out / f"{name}-{target:g}-s{seed}"
     if (out / "manifest.json").exists():
         log.info("reusing %s", out)
     else:
-        cmd = [sys.executable, "-m", "compress", "prune", "--checkpoint", str(args.checkpoint), "--method", method]
-        if args.suite == "weights":
-            cmd += ["--sparsity", str(target), "--layers", args.layers]
+        common = ["--checkpoint", args.checkpoint, "--steps", str(args.steps), "--seed", str(seed)]
+        common += ["--test-set", args.test_set, "--device", args.device, "--out", str(out)]
+        if name == DENSE_FT:
+            cmd = ["train", *common, "--lr", str(args.dense_lr)]
         else:
-            cmd += ["--params", str(target)]
-            cmd += ["--weight-sparsity", str(args.weight_sparsity)] if method == "fmp" else []
-        cmd += ["--steps", str(args.steps)]
-        cmd += ["--test-set", args.test_set, "--device", args.device, "--out", str(out), *args.extra.split()]
+            method = flags[flags.index("--method") + 1]
+            weights = method in ("magnitude", "iks")
+            cmd = ["prune", *common, *flags]
+            if args.suite == "weights" or weights:
+                cmd += ["--sparsity", str(target), "--layers", args.layers]
+            else:
+                cmd += ["--params", str(target)]
+                cmd += ["--weight-sparsity", str(args.weight_sparsity)] if method == "fmp" else []
+        cmd = [sys.executable, "-m", "compress", *cmd, *shlex.split(args.extra)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        log.info("running %s", " ".join(cmd))
+        log.info("running %s", shlex.join(cmd))
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "log.txt", "w") as fh:
+        with open(out.parent / f"{out.name}.log", "w") as fh:
             r = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
         if r.returncode != 0:
-            tail = (out / "log.txt").read_text().strip().splitlines()[-1:]
-            return {"method": method, "target": target, "error": f"exit {r.returncode}: {' '.join(tail)}"}
+            tail = (out.parent / f"{out.name}.log").read_text().strip().splitlines()[-1:]
+            return {"row": name, "target": target, "seed": seed, "error": f"exit {r.returncode}: {' '.join(tail)}"}
     m = read_json(out / "manifest.json")
-    run = m["train"]
+    run, pruning = m["train"], m.get("pruning") or {}
     done = run["steps"] - run["resumed_from"]
-    val_s = m["pruning"].get("validation_seconds", 0.0 if m["pruning"]["method"] != "iks" else None)
     return {
-        "method": method,
+        "row": name,
         "target": target,
+        "seed": seed,
         "psnr_y_db": m["psnr_y_db"],
         "ssim_y": m["ssim_y"],
-        "sparsity_pruned_layers": m["pruning"]["achieved_sparsity_pruned_layers"],
-        "sparsity_all_params": m["stats"]["sparsity_all_params"],
+        "sparsity_pruned_layers": pruning.get("achieved_sparsity_pruned_layers", 0.0),
         "nonzeros": m["stats"]["nonzeros"],
         "params": m["stats"]["params"],
         "macs_1280x720": m["stats"]["macs_1280x720"],
         "step_ms": round(1000 * run["seconds"] / done, 1) if done else None,
-        "validation_ms_per_step": round(1000 * val_s / done, 1) if done and val_s is not None else None,
-        "decays": len(m["pruning"].get("decays", [])),
         "threads": threads,
         "folder": str(out),
     }
 
 
-def dense_row(args: argparse.Namespace, threads: int) -> dict:
-    import torch
-
-    from compress.data import PatchSampler
+def start_row(args: argparse.Namespace) -> dict:
+    """The checkpoint as it is (no steps), for context."""
     from compress.evaluate import evaluate, model_stats
     from compress.intake import ModelSpec, load_model
-    from compress.train import TrainConfig, TrainData, train
-    from edgesr.datasets import load_test_set, load_training_images
+    from edgesr.datasets import load_test_set
 
-    torch.set_num_threads(threads)
-    loaded = load_model(ModelSpec(checkpoint=args.checkpoint))
-    model, scale = loaded.model, loaded.scale
-    scores = evaluate(model, load_test_set(args.test_set, scale), scale)["mean"]
-    stats = model_stats(model, scale)
-    cfg = TrainConfig(steps=60, device=args.device)
-    images = [img for _, img in load_training_images("bundled")]
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        train(model, TrainData(PatchSampler(images, scale, cfg.lr_patch, cfg.batch_size, 0), scale), cfg, Path(tmp))
-        step_ms = 1000 * (time.perf_counter() - t0) / cfg.steps
-    return {
-        "method": "dense",
-        "target": 0.0,
-        "psnr_y_db": scores["psnr_y_db"],
-        "ssim_y": scores["ssim_y"],
-        "sparsity_pruned_layers": 0.0,
-        "sparsity_all_params": stats["sparsity_all_params"],
-        "nonzeros": stats["nonzeros"],
-        "params": stats["params"],
-        "macs_1280x720": stats["macs_1280x720"],
-        "step_ms": round(step_ms, 1),
-        "validation_ms_per_step": 0.0,
-        "decays": 0,
-        "threads": threads,
-        "folder": str(args.checkpoint),
-    }
+    loaded = load_model(ModelSpec(checkpoint=Path(args.checkpoint)))
+    scores = evaluate(loaded.model, load_test_set(args.test_set, loaded.scale), loaded.scale)["mean"]
+    stats = model_stats(loaded.model, loaded.scale)
+    return {"row": "checkpoint", "target": 0.0, "seed": None, "psnr_y_db": scores["psnr_y_db"],
+            "ssim_y": scores["ssim_y"], "sparsity_pruned_layers": 0.0, "nonzeros": stats["nonzeros"],
+            "params": stats["params"], "macs_1280x720": stats["macs_1280x720"], "step_ms": None}  # fmt: skip
 
 
-def table(rows: list[dict], args: argparse.Namespace) -> str:
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per (row, target): the mean over seeds, half the range, and Δ against dense-ft's mean."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["row"], r["target"]), []).append(r)
+    dense = [r["psnr_y_db"] for r in rows if r["row"] == DENSE_FT and "error" not in r]
+    ref = statistics.fmean(dense) if dense else None
+    out = []
+    for (name, target), rs in groups.items():
+        psnr = [r["psnr_y_db"] for r in rs]
+        mean = statistics.fmean(psnr)
+        steps = [r["step_ms"] for r in rs if r["step_ms"] is not None]
+        out.append({
+            "row": name, "target": target, "seeds": [r["seed"] for r in rs], "psnr_y_db": mean,
+            "spread_db": (max(psnr) - min(psnr)) / 2, "delta_db": None if ref is None else mean - ref,
+            "ssim_y": statistics.fmean(r["ssim_y"] for r in rs),
+            "sparsity_pruned_layers": statistics.fmean(r["sparsity_pruned_layers"] for r in rs),
+            "nonzeros": round(statistics.fmean(r["nonzeros"] for r in rs)),
+            "params": round(statistics.fmean(r["params"] for r in rs)),
+            "macs_1280x720": statistics.fmean(r["macs_1280x720"] for r in rs),
+            "step_ms": round(statistics.fmean(steps), 1) if steps else None,
+        })  # fmt: skip
+    return out
+
+
+def table(summary: list[dict], errors: list[dict], args: argparse.Namespace, threads: int) -> str:
     lines = [
         f"Pruning trade-off ({args.suite}): {args.checkpoint} on {args.test_set} (Y-PSNR, border = scale), "
-        f"{args.steps} steps per run, device {args.device}, "
-        + (
-            f"layers '{args.layers}'"
-            if args.suite == "weights"
-            else f"target = kept params fraction, FMP weight sparsity {args.weight_sparsity}"
-        ),
+        f"{args.steps} steps per run, seeds {args.seeds}, device {args.device}, layers '{args.layers}'"
+        + (f", FMP weight sparsity {args.weight_sparsity}" if args.suite == "channels" else "")
+        + (f", extra flags '{args.extra}'" if args.extra else ""),
         "",
-        "| method | target | zeros (pruned layers) | zeros (whole model) | params | non-zeros | GMACs 1280x720 "
-        "| Y-PSNR (dB) | SSIM | step (ms) | of which validation (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | target | zeros (pruned layers) | params | non-zeros | GMACs 1280x720 | Y-PSNR (dB) "
+        "| Δ vs dense-ft (dB) | SSIM | step (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['method']} | {r['target']:.0%} | failed: {r['error']} |" + " |" * 8)
-            continue
+    for r in summary:
+        delta = "—" if r["delta_db"] is None else f"{r['delta_db']:+.3f}"
+        spread = f" ± {r['spread_db']:.3f}" if len(r["seeds"]) > 1 else ""
         lines.append(
-            f"| {r['method']} | {r['target']:.0%} | {r['sparsity_pruned_layers']:.2%} | "
-            f"{r['sparsity_all_params']:.2%} | {r['params']:,} | {r['nonzeros']:,} | {r['macs_1280x720'] / 1e9:.2f} | "
-            f"{r['psnr_y_db']:.3f} | {r['ssim_y']:.4f} | "
-            f"{r['step_ms']} | {r['validation_ms_per_step']} |"
+            f"| {r['row']} | {r['target']:g} | {r['sparsity_pruned_layers']:.2%} | {r['params']:,} | "
+            f"{r['nonzeros']:,} | {r['macs_1280x720'] / 1e9:.2f} | {r['psnr_y_db']:.3f}{spread} | {delta} | "
+            f"{r['ssim_y']:.4f} | {r['step_ms'] if r['step_ms'] is not None else '—'} |"
         )
-    threads = sorted({r.get("threads") for r in rows if r.get("threads")})
+    for e in errors:
+        lines.append(f"| {e['row']} | {e['target']:g} | failed (seed {e['seed']}): {e['error']} |" + " |" * 7)
     lines += [
         "",
-        f"step (ms): wall time per optimiser step (batch 16, LR patch 32) with {threads} torch thread(s) per run; "
-        "dense = plain training steps of the starting model; 'of which validation' is IKS's selection PSNR on the "
-        "validation set, amortised per step. Whole model = zero fraction of all parameters.",
+        f"target: the sparsity (weights suite) or the kept fraction of non-zero parameters (channels suite). "
+        f"dense-ft: the checkpoint fine-tuned for the same {args.steps} steps with the same loop at peak lr "
+        f"{args.dense_lr:g}; checkpoint: as shipped, no steps. Y-PSNR: mean over seeds, ± half the range. "
+        f"step (ms): wall time per optimiser step (batch 16, LR patch 32 unless --extra says otherwise) with "
+        f"{threads} torch thread(s) per run and {args.jobs} run(s) at once.",
+        "",
+        "Commands: " + " ".join(shlex.quote(a) for a in sys.argv),
     ]
     return "\n".join(lines)
 
@@ -178,17 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     targets = [float(t) for t in (args.targets or SUITES[args.suite]["targets"]).split(",")]
-    methods = [m.strip() for m in (args.methods or SUITES[args.suite]["methods"]).split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    rows = [dense_row(args, threads)]
-    jobs = [(m, t) for t in targets for m in methods]
+    jobs = [(DENSE_FT, [], 0.0, s) for s in seeds] if not args.no_dense_ft else []
+    jobs += [(name, flags, t, s) for t in targets for name, flags in rows_to_run(args) for s in seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows += list(pool.map(lambda mt: run_prune(args, mt[0], mt[1], threads), jobs))
-    text = table(rows, args)
-    write_json(args.out / "prune_tradeoff.json", {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}})
+        runs = list(pool.map(lambda j: run_one(args, *j, threads), jobs))
+    errors = [r for r in runs if "error" in r]
+    summary = aggregate([start_row(args), *runs])
+    text = table(summary, errors, args, threads)
+    record = {"summary": summary, "runs": runs, "args": {k: str(v) for k, v in vars(args).items()}}
+    write_json(args.out / "prune_tradeoff.json", record)
     (args.out / "prune_tradeoff.md").write_text(text + "\n")
     print(text)
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

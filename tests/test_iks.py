@@ -87,7 +87,7 @@ def _set_weights(pruner: IKSPruner, zero_fraction: float) -> None:
 
 def test_decay_rule_distance_band_and_end_exactly_as_reference():
     model = small_model()
-    cfg = IKSConfig(sparsity=0.5, eval_every=2, decay_distance=3)  # 20 epochs, D = 3
+    cfg = IKSConfig(sparsity=0.5, eval_every=2, decay_distance=3, finish="reference")  # 20 epochs, D = 3
     pruner = IKSPruner(model, cfg, 40)
     assert pruner.epochs == 20
     thetas = lambda: torch.cat([t.detach().flatten() for t in pruner.thetas()])  # noqa: E731
@@ -138,7 +138,7 @@ def test_bake_gives_plain_convs_with_exact_zeros_and_same_output():
 def test_short_run_lands_in_band_and_selection_never_returns_below_target(tmp_path, photos):
     model = small_model(feats=16)
     cfg = TrainConfig(steps=300, batch_size=4, lr_patch=16, save_every=1000, lr=5e-4, device="cpu")
-    iks = IKSConfig(sparsity=0.8, eval_every=2, decay_distance=3)
+    iks = IKSConfig(sparsity=0.8, eval_every=2, decay_distance=3, finish="reference")
     val = validator(load_test_set("butterfly", 2), 2)
     pruner = IKSPruner(model, iks, cfg.steps, validate=val)
     train(model, TrainData(PatchSampler(photos, 2, 16, 4, 0), 2), cfg, tmp_path, pruner=pruner)
@@ -156,7 +156,7 @@ def test_short_run_lands_in_band_and_selection_never_returns_below_target(tmp_pa
 def test_unreached_target_fails_instead_of_returning_a_denser_model(tmp_path, photos):
     model = small_model()
     cfg = TrainConfig(steps=6, batch_size=2, lr_patch=12, save_every=100, device="cpu")
-    pruner = IKSPruner(model, IKSConfig(sparsity=0.9, eval_every=2), 6, validate=lambda m: 20.0)
+    pruner = IKSPruner(model, IKSConfig(sparsity=0.9, eval_every=2, finish="reference"), 6, validate=lambda m: 20.0)
     train(model, TrainData(PatchSampler(photos, 2, 12, 2, 0), 2), cfg, tmp_path, pruner=pruner)
     with pytest.raises(CheckFailed, match="never validated a state at >= 90.0% sparsity"):
         pruner.finalize()
@@ -166,7 +166,7 @@ def test_resume_reproduces_thresholds_decays_and_selection(tmp_path, photos):
     def run(steps: int, folder: str, total: int = 12):
         model = small_model()
         cfg = TrainConfig(steps=steps, batch_size=2, lr_patch=12, save_every=4, lr_min_ratio=1.0, device="cpu")
-        iks = IKSConfig(sparsity=0.3, eval_every=1, decay_distance=1, theta_init=-4.0)
+        iks = IKSConfig(sparsity=0.3, eval_every=1, decay_distance=1, theta_init=-4.0, finish="reference")
         pruner = IKSPruner(model, iks, total, validate=lambda m: -float(pruner.gated_sparsity()))
         train(model, TrainData(PatchSampler(photos, 2, 12, 2, 0), 2), cfg, tmp_path / folder, pruner=pruner)
         return model, pruner
@@ -181,6 +181,57 @@ def test_resume_reproduces_thresholds_decays_and_selection(tmp_path, photos):
     assert resumed.trace == straight.trace
     for (k, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+# ------------------------------------------------------------------------- finish "mask" (the default)
+
+
+def test_fix_mask_keeps_exactly_the_target_by_threshold_margin_and_restores_survivors():
+    for survivors in ("unshrunk", "shrunk"):
+        model = small_model()
+        pruner = IKSPruner(model, IKSConfig(sparsity=0.6, survivors=survivors), 100)
+        with torch.no_grad():
+            for conv in pruner.layers.values():  # thresholds that differ per weight: the margin, not |W|, decides
+                conv.parametrizations.weight[0].theta.uniform_(-5.0, -1.0)
+        originals = {n: c.parametrizations.weight.original.detach().clone() for n, c in pruner.layers.items()}
+        shrunk = {n: c.weight.detach().clone() for n, c in pruner.layers.items()}
+        margins = torch.cat([
+            (c.parametrizations.weight.original.abs() - torch.sigmoid(c.parametrizations.weight[0].theta)).flatten()
+            for c in pruner.layers.values()
+        ]).detach()  # fmt: skip
+        record = pruner.fix_mask()
+        total = margins.numel()
+        kept = torch.cat([c.parametrizations.weight[0].mask.flatten() for c in pruner.layers.values()])
+        assert int(kept.sum()) == total - round(0.6 * total)  # exactly the target, over all gated layers
+        assert margins[kept].min() >= margins[~kept].max()  # the largest margins survive
+        for name, conv in pruner.layers.items():
+            mask = conv.parametrizations.weight[0].mask
+            source = originals[name] if survivors == "unshrunk" else shrunk[name]
+            assert torch.equal(conv.weight.detach(), source * mask)
+        assert record["forced"] == (record["sparsity_at_fix_pct"] < 60.0)
+
+
+def test_mask_finish_stops_thresholds_at_the_target_then_fine_tunes_under_a_fixed_mask(tmp_path, photos):
+    from compress.pruning.methods import iks
+
+    model = small_model(feats=16)
+    cfg = TrainConfig(steps=120, batch_size=4, lr_patch=16, save_every=1000, lr=5e-4, device="cpu")
+    config = IKSConfig(sparsity=0.7, eval_every=2, decay_distance=3, threshold_fraction=0.75)
+    _, record = iks.run(model, TrainData(PatchSampler(photos, 2, 16, 4, 0), 2), cfg, tmp_path, config)
+    threshold, finetune = record["runs"]["threshold"], record["runs"]["finetune"]
+    assert threshold["steps"] == record["threshold_steps"] <= 90 and threshold["steps"] + finetune["steps"] == 120
+    assert record["finetune_steps"] == finetune["steps"] > 0
+    trace = record["trace_step_sparsity_pct_val_psnr"]
+    assert trace[-1][0] == record["threshold_steps"] and all(t[2] == -1 for t in trace)  # no validation needed
+    assert record["forced"] == (trace[-1][1] < 70.0)
+    assert record["achieved_sparsity_pruned_layers"] == pytest.approx(0.7, abs=1e-3)
+    assert (tmp_path / "threshold" / "train_state.pt").exists() and (tmp_path / "finetune" / "train_state.pt").exists()
+    # resuming the finished run changes nothing
+    again = small_model(feats=16)
+    _, second = iks.run(again, TrainData(PatchSampler(photos, 2, 16, 4, 0), 2), cfg, tmp_path, config)
+    assert second["threshold_steps"] == record["threshold_steps"]
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def run_compress(*args):
@@ -206,8 +257,9 @@ def test_prune_cli_iks_writes_baked_checkpoint_and_manifest(iks_run):
     manifest = json.loads((iks_run / "manifest.json").read_text())
     pruning = manifest["pruning"]
     assert pruning["method"] == "iks" and pruning["target_sparsity"] == 0.8
-    assert 0.8 <= pruning["achieved_sparsity_pruned_layers"] <= 0.81
+    assert pruning["achieved_sparsity_pruned_layers"] == pytest.approx(0.8, abs=1e-4)  # the fixed mask: exact
     assert pruning["config"]["reference_sparse_mode"] == "pw" and pruning["decays"]
+    assert pruning["config"]["finish"] == "mask" and pruning["threshold_steps"] + pruning["finetune_steps"] == 200
     layers = manifest["stats"]["layers"]
     assert {n for n, v in layers.items() if v["prunable"] and v["sparsity"] > 0.3} == set(pruning["pruned_layers"])
     for name in pruning["pruned_layers"]:

@@ -20,14 +20,24 @@ The gates are `compress.pruning.gates` parametrizations on the convs' `weight`, 
 class and module names. `finalize` restores the selected state and bakes W' into plain weights with exact
 zeros (θ dropped): what convert/ receives is an ordinary network.
 
-Checkpoint selection differs from the reference on one point, on purpose: the reference keeps the best PSNR
-among epochs with S_cur > S_t − 5, so its model can be 5 points short of the requested sparsity. Here the
-tolerance is explicit and 0 by default; if no validated state reached target − tolerance, `finalize` fails.
+How the run ends (`finish`): `reference` is the authors' schedule — the thresholds train to the last step and the
+best validated state at the target is kept. `mask` (the default) ends the threshold phase once the gated sparsity
+reaches the target (or at `threshold_fraction` of the steps): it then keeps exactly the target's share of weights,
+those with the highest |W| − sigmoid(θ) over all gated layers (the soft gate's own survivors, cut to the exact
+count), gives the survivors back their unshrunk W (`survivors unshrunk`; `shrunk` keeps W'), and fine-tunes them
+under that fixed mask for the remaining steps. Why: the soft gate shrinks every surviving weight by its threshold
+for the whole run, and the hard gate (no shrinkage) scored as magnitude pruning did; the figures are in the README.
+
+Checkpoint selection in `reference` differs from the reference code on one point, on purpose: the reference keeps
+the best PSNR among epochs with S_cur > S_t − 5, so its model can be 5 points short of the requested sparsity.
+Here the tolerance is explicit and 0 by default; if no validated state reached target − tolerance, `finalize`
+fails.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -41,8 +51,8 @@ from torch.nn.utils import parametrize
 
 from compress.evaluate import validator
 from compress.flags import option, require
-from compress.pruning.base import Pruner
-from compress.pruning.gates import bake, gate, layer_sparsity, select_layers, zero_fraction
+from compress.pruning.base import FixedMaskPruner, Pruner
+from compress.pruning.gates import MaskGate, bake, gate, layer_sparsity, select_layers, zero_fraction
 from compress.pruning.layers import weight_dims
 from compress.train import TrainConfig, TrainData, train
 from edgesr.datasets import load_test_set
@@ -53,6 +63,8 @@ log = logging.getLogger(__name__)
 # Threshold granularity: our name -> the reference's --sparseMode name.
 GRANULARITIES = {"weight": "pw", "kernel": "kw", "filter": "gw", "layer": "lw"}
 GATES = ("soft", "hard")
+FINISHES = ("mask", "reference")
+SURVIVORS = ("unshrunk", "shrunk")
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,16 @@ class IKSConfig:
     band: float = option(1.0, "percent above the target in which no decay fires")
     tolerance: float = option(0.0, "accept a selected model this far (fraction) below the target; the reference: 0.05")
     val_set: str = option("hopper", "held-out images for checkpoint selection (a bundled set or a folder)")
+    finish: str = option(
+        "mask",
+        "mask: at the target, fix the mask and fine-tune the survivors; reference: thresholds to the end, best "
+        "validated state (the authors' schedule)",
+        choices=FINISHES,
+    )
+    threshold_fraction: float = option(0.5, "finish mask: most of the steps the threshold phase may use")
+    survivors: str = option(
+        "unshrunk", "finish mask: survivors fine-tune from W (unshrunk) or from W' (shrunk)", choices=SURVIVORS
+    )
 
     @property
     def removed(self) -> float:
@@ -86,6 +108,9 @@ class IKSConfig:
         require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         require(self.decay_distance >= 0, "decay_distance", f"must be >= 0, got {self.decay_distance}")
         require(0.0 <= self.tolerance < self.sparsity, "tolerance", f"must be in [0, sparsity), got {self.tolerance}")
+        require(self.finish in FINISHES, "finish", f"must be one of {', '.join(FINISHES)}, got {self.finish!r}")
+        require(self.survivors in SURVIVORS, "survivors", f"must be one of {', '.join(SURVIVORS)}")
+        require(0.0 < self.threshold_fraction < 1.0, "threshold_fraction", "must be in (0, 1)")
         for name in ("band", "decay_slope", "init_decay"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
 
@@ -147,6 +172,9 @@ class IKSPruner(Pruner):
         self.trace: list[list[float]] = []  # [step, gated sparsity %, val PSNR or -1]
         self.best: dict[str, Any] | None = None
         self.validation_seconds = 0.0
+        # finish "mask": the threshold phase ends at the first check at the target, or at this step
+        self.stop_step = round(config.threshold_fraction * total_steps) if config.finish == "mask" else None
+        self.stopped_at: int | None = None
 
     # -- measurements ---------------------------------------------------------------------------------------
 
@@ -180,6 +208,9 @@ class IKSPruner(Pruner):
                 state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 self.best = {"step": step, "val_psnr_db": psnr, "sparsity_pct": s_cur, "state": state}
         self.trace.append([step, round(s_cur, 4), round(psnr, 4)])
+        if self.stop_step is not None and (s_cur >= target_pct - 1e-9 or step >= self.stop_step):
+            self.stopped_at = step
+            return
         outside = abs(target_pct + c.band / 2 - s_cur) > c.band / 2
         if epoch - self.last_decay_epoch > c.decay_distance and epoch < self.epochs - c.decay_distance and outside:
             ratio = 1.0 + c.decay_slope * (s_cur - target_pct)
@@ -187,6 +218,9 @@ class IKSPruner(Pruner):
             self.last_decay_epoch = epoch
             self.decays.append({"step": step, "epoch": epoch, "sparsity_pct": round(s_cur, 4), "ratio": ratio})
             log.debug("IKS decay at step %d: S_cur %.2f%% -> theta x %.4f", step, s_cur, ratio)
+
+    def done(self) -> bool:
+        return self.stopped_at is not None
 
     def status(self) -> dict[str, str]:
         if not self.trace:
@@ -233,6 +267,7 @@ class IKSPruner(Pruner):
             "trace": copy.deepcopy(self.trace),
             "best": self.best,
             "validation_seconds": self.validation_seconds,
+            "stopped_at": self.stopped_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -241,14 +276,62 @@ class IKSPruner(Pruner):
         self.last_decay_epoch = int(state["last_decay_epoch"])
         self.decays, self.trace, self.best = state["decays"], state["trace"], state["best"]
         self.validation_seconds = float(state.get("validation_seconds", 0.0))
+        self.stopped_at = state.get("stopped_at")
+
+    @torch.no_grad()
+    def fix_mask(self) -> dict[str, Any]:
+        """End the threshold phase: keep exactly the target's share of the gated weights, those with the highest
+        |W| - sigmoid(θ) over all gated layers, as a fixed MaskGate on the survivors' W (or W', `shrunk`)."""
+        c = self.config
+        scores = {n: layer.parametrizations.weight.original.abs() - torch.sigmoid(gate(layer).theta)
+                  for n, layer in self.layers.items()}  # fmt: skip
+        flat = torch.cat([v.flatten() for v in scores.values()])
+        keep = flat.numel() - round(c.sparsity * flat.numel())
+        kept = torch.zeros_like(flat, dtype=torch.bool)
+        kept[torch.topk(flat, keep, sorted=False).indices] = True
+        reached = self.gated_sparsity()
+        offset = 0
+        for name, layer in self.layers.items():
+            mask = kept[offset : offset + scores[name].numel()].view_as(scores[name])
+            offset += mask.numel()
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=c.survivors == "shrunk")
+            parametrize.register_parametrization(layer, "weight", MaskGate(layer.weight))
+            gate(layer).mask.copy_(mask)
+        steps = self.stopped_at if self.stopped_at is not None else self.total_steps
+        return {
+            "method": self.name,
+            "target_sparsity": c.sparsity,
+            "config": {
+                **asdict(c),
+                "eval_every_steps": self.eval_every,
+                "reference_sparse_mode": GRANULARITIES[c.granularity],
+            },
+            "threshold_steps": steps,
+            "sparsity_at_fix_pct": round(reached, 4),
+            "forced": reached < 100.0 * c.sparsity - 1e-9,  # the cut went below the thresholds' own zeros
+            "decays": self.decays,
+            "trace_step_sparsity_pct_val_psnr": self.trace,
+        }
 
 
 def run(
     model: nn.Module, data: TrainData, train_cfg: TrainConfig, out: Path, config: IKSConfig, resume: bool = True
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Gate `model`'s layers, train for `train_cfg.steps` with the target-guided decay, restore the best validated
-    state at the target and bake it; returns (model, record). CheckFailed (exit 1) if the target was never met."""
-    val_pairs = load_test_set(config.val_set, data.scale, data.degradation)
-    pruner = IKSPruner(model, config, train_cfg.steps, validate=validator(val_pairs, data.scale))
-    summary = train(model, data, train_cfg, Path(out), pruner=pruner, resume=resume)
-    return model, {**pruner.finalize(), "runs": {"train": summary}}
+    """Gate `model`'s layers and train with the target-guided decay. `finish reference`: for all the steps in
+    `out`, then restore the best validated state at the target (CheckFailed, exit 1, if it never met it).
+    `finish mask`: the threshold phase in `<out>/threshold`, the fixed mask, the fine-tune in `<out>/finetune` for
+    the remaining steps. Returns the baked model and its record."""
+    out = Path(out)
+    if config.finish == "reference":
+        val_pairs = load_test_set(config.val_set, data.scale, data.degradation)
+        pruner = IKSPruner(model, config, train_cfg.steps, validate=validator(val_pairs, data.scale))
+        summary = train(model, data, train_cfg, out, pruner=pruner, resume=resume)
+        return model, {**pruner.finalize(), "runs": {"train": summary}}
+    pruner = IKSPruner(model, config, train_cfg.steps)
+    threshold = train(model, data, train_cfg, out / "threshold", pruner=pruner, resume=resume)
+    record = pruner.fix_mask()
+    finetune_cfg = dataclasses.replace(train_cfg, steps=train_cfg.steps - threshold["steps"])
+    fixed = FixedMaskPruner(model, list(pruner.layers), record, "iks")
+    finetune = train(model, data, finetune_cfg, out / "finetune", pruner=fixed, resume=resume)
+    return model, {**fixed.finalize(), "finetune_steps": finetune["steps"], "runs": {"threshold": threshold,
+                   "finetune": finetune}}  # fmt: skip
