@@ -109,12 +109,22 @@ def _terminate_by_unwinding() -> None:
 def _reraise_swallowed_signals(previous: Callable[..., object]) -> Callable[..., object]:
     """A signal whose handler ran inside a callback Python cannot propagate from (a gc callback, `__del__`, a
     weakref finaliser; jax installs a gc callback) would be printed as "Exception ignored" and the run would go on
-    to exit 0. This hook raises it again in the main thread, once that thread is back in ordinary code: from a
-    helper thread, since an exception set from here would fire inside the hook itself (and be swallowed again)."""
+    to exit 0. This hook raises it again in the main thread once that thread has left the hook: from a helper
+    thread, since an exception set from here would fire inside the hook itself, where nothing can catch it. If it
+    lands in another such callback, this hook runs again and so does the helper."""
     import ctypes
 
+    def in_hook(frame: Any) -> bool:
+        while frame is not None:
+            if frame.f_code is hook.__code__:
+                return True
+            frame = frame.f_back
+        return False
+
     def raise_in_main(kind: type[BaseException], ident: int) -> None:
-        time.sleep(0.001)  # let the main thread leave the hook and the callback it ran in
+        deadline = time.monotonic() + 10.0
+        while in_hook(sys._current_frames().get(ident)) and time.monotonic() < deadline:
+            time.sleep(0.001)
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(kind))
 
     def hook(unraisable: Any) -> None:
