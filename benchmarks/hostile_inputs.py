@@ -21,6 +21,8 @@ user would, and checks the promises every edgesr command makes about bad input:
 Inputs are small (the shipped edsr-tiny x2, 48x48 PNGs, at most 2 training steps) and every command runs with
 OMP_NUM_THREADS=1. Progress goes to stderr, the table to stdout, the full results (argv, exit codes, stderr head
 and tail, RSS, leftovers) to --out as JSON. It asserts nothing and fixes nothing: a FAIL row is a bug to file.
+Run it in the foreground (or under a shell with job control): `nohup ... &` from a plain script makes the whole
+tree ignore SIGINT, and the Ctrl-C cases then measure nothing.
 """
 
 from __future__ import annotations
