@@ -40,6 +40,7 @@ SUITES = {
     "channels": {"methods": "fmp,channel-only,channel-l1", "targets": "0.5,0.3"},
 }
 DENSE_FT = "dense-ft"
+DENSE_HR = "dense-ft-hr"  # the same fine-tune on HR patches only (--distill 0): what more training alone gives
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dense-lr", type=float, default=5e-4, help="dense-ft's peak lr (default 5e-4, FINETUNE.lr)")
     p.add_argument("--no-dense-ft", action="store_true", help="skip the dense fine-tune rows")
+    p.add_argument("--dense-hr", action="store_true", help="add dense-ft-hr: the dense fine-tune with --distill 0")
     p.add_argument("--extra", default="", help="extra flags for every run, dense-ft included, as one string")
     return p.parse_args(argv)
 
@@ -89,8 +91,8 @@ def run_one(args: argparse.Namespace, name: str, flags: list[str], target: float
     else:
         common = ["--checkpoint", args.checkpoint, "--steps", str(args.steps), "--seed", str(seed)]
         common += ["--test-set", args.test_set, "--device", args.device, "--out", str(out)]
-        if name == DENSE_FT:
-            cmd = ["train", *common, "--lr", str(args.dense_lr)]
+        if name in (DENSE_FT, DENSE_HR):
+            cmd = ["train", *common, "--lr", str(args.dense_lr), *(["--distill", "0"] if name == DENSE_HR else [])]
         else:
             method = flags[flags.index("--method") + 1]
             weights = method in ("magnitude", "iks")
@@ -193,7 +195,8 @@ def table(summary: list[dict], errors: list[dict], args: argparse.Namespace, thr
         "",
         f"target: the sparsity (weights suite) or the kept fraction of non-zero parameters (channels suite). "
         f"dense-ft: the checkpoint fine-tuned for the same {args.steps} steps with the same loop at peak lr "
-        f"{args.dense_lr:g}; checkpoint: as shipped, no steps. Y-PSNR: mean over seeds, ± half the range. "
+        f"{args.dense_lr:g}; dense-ft-hr: the same on HR patches only (--distill 0); checkpoint: as shipped, "
+        "no steps. Y-PSNR: mean over seeds, ± half the range. "
         f"step (ms): wall time per optimiser step (batch 16, LR patch 32 unless --extra says otherwise) with "
         f"{threads} torch thread(s) per run and {args.jobs} run(s) at once.",
         "",
@@ -209,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     targets = [float(t) for t in (args.targets or SUITES[args.suite]["targets"]).split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [(DENSE_FT, [], 0.0, s) for s in seeds] if not args.no_dense_ft else []
-    jobs += [(name, flags, t, s) for t in targets for name, flags in rows_to_run(args) for s in seeds]
+    jobs = []  # seed by seed: a partial run already holds every row once
+    for s in seeds:
+        jobs += [] if args.no_dense_ft else [(DENSE_FT, [], 0.0, s)]
+        jobs += [(DENSE_HR, [], 0.0, s)] if args.dense_hr else []
+        jobs += [(name, flags, t, s) for t in targets for name, flags in rows_to_run(args)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(lambda j: run_one(args, *j, threads), jobs))
     errors = [r for r in runs if "error" in r]
