@@ -17,7 +17,7 @@ from compress.pruning.budget import ChannelCost
 from compress.pruning.coupling import find_groups
 from compress.pruning.layers import prunable_layers
 from compress.pruning.methods import channel_l1, fmp
-from compress.pruning.methods.channel_l1 import ChannelL1Config, l1_keep
+from compress.pruning.methods.channel_l1 import ChannelL1Config, l1_channel_scores, l1_keep
 from compress.pruning.methods.fmp import FMPConfig, FMPSearch, materialize
 from compress.pruning.methods.fmp.hypernetwork import ChannelVectors, HyperGate
 from compress.pruning.methods.fmp.materialize import finetune_pruner
@@ -83,12 +83,18 @@ FAST = dict(
 )
 
 
-@pytest.mark.parametrize("name", ["edsr", "rdn"])
-def test_pretrained_init_reproduces_the_dense_model(name, butterfly):
+@pytest.mark.parametrize("name, channel_init", [("edsr", "ones"), ("rdn", "ones"), ("edsr", "l1"), ("rdn", "l1")])
+def test_pretrained_init_reproduces_the_dense_model(name, channel_init, butterfly):
     model = tiny(name).eval()
     with torch.no_grad():
         dense = model(butterfly)
-    search = FMPSearch(model, FMPConfig(params=0.5, weight_sparsity=0.3), total_steps=10, scale=2)
+    config = FMPConfig(params=0.5, weight_sparsity=0.3, channel_init=channel_init)
+    search = FMPSearch(model, config, total_steps=10, scale=2)
+    if channel_init == "l1":  # z starts at the channels' L1 scores (mean 1 per group), not at 1
+        scores = l1_channel_scores(tiny(name), search.groups)
+        for g in search.searched:
+            z = search.vectors.vector(g).detach()
+            assert torch.allclose(z.double(), scores[g].clamp(min=1e-2)) and not torch.all(z == 1)
     with torch.no_grad():
         generated = model(butterfly)
     assert (generated - dense).abs().max() < 1e-5

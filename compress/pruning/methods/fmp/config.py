@@ -10,6 +10,7 @@ from compress.pruning.budget import ChannelBudget
 INITS = ("pretrained", "scratch")
 WEIGHTS_FROM = ("channel-lock", "start")
 WEIGHT_SCORES = ("mean-u-abs-w", "u")
+CHANNEL_INITS = ("ones", "l1")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class ChannelOnlyConfig(ChannelBudget):
     check_every: int = option(0, "steps between mask checks (0: steps / 40)")
     search_fraction: float = option(0.5, "most of the steps the search may use; the rest fine-tunes")
     init: str = option("pretrained", "hypernetwork init: pretrained (reproduces the weights) or scratch", choices=INITS)
+    channel_init: str = option(
+        "ones",
+        "init pretrained: z starts at 1, or at each channel's L1 filter norm / its group's mean (l1: the prox then "
+        "reaches the weak channels first); the hypernetwork reproduces the weights either way",
+        choices=CHANNEL_INITS,
+    )
     layers: str = option("auto", "layers that get hypernetworks: auto (every conv in a prunable group) or globs")
 
     def __post_init__(self) -> None:
@@ -41,6 +48,8 @@ class ChannelOnlyConfig(ChannelBudget):
         require(self.channel_threshold > 0, "channel_threshold", f"must be > 0, got {self.channel_threshold}")
         require(0.0 < self.search_fraction < 1.0, "search_fraction", f"must be in (0, 1), got {self.search_fraction}")
         require(self.init in INITS, "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
+        require(self.channel_init in CHANNEL_INITS, "channel_init", f"must be one of {', '.join(CHANNEL_INITS)}")
+        require(self.channel_init == "ones" or self.init == "pretrained", "channel_init", "l1 needs --init pretrained")
 
     @property
     def method(self) -> str:

@@ -71,9 +71,11 @@ class HyperGate(nn.Module):
         self.register_buffer("src_out", src_out.to(dev))
         self.register_buffer("src_in", src_in.to(dev))
         w1 = torch.empty(c_out, c_in, m, device=dev, dtype=dt).uniform_(-math.sqrt(3), math.sqrt(3))
-        if init == "pretrained":  # W2_ij = W_ij w1_ij^T / |w1_ij|^2, so that W2_ij (1 * w1_ij) = W_ij
+        if init == "pretrained":  # W2_ij = W_ij w1_ij^T / (M_ij |w1_ij|^2), so that W2_ij (M_ij w1_ij) = W_ij
+            z = vectors.flat().detach()
+            m0 = (z[src_out.to(z.device)][:, None] * z[src_in.to(z.device)][in_index.to(z.device)]).to(dev, dt)
             w = logical.reshape(c_out, c_in, k2, 1)
-            w2 = w * w1[:, :, None, :] / w1.pow(2).sum(-1)[:, :, None, None]
+            w2 = w * w1[:, :, None, :] / (m0 * w1.pow(2).sum(-1))[:, :, None, None]
         else:  # DHP's "hyperfan-in"
             bound = math.sqrt(3) * math.sqrt(1.0 / (m * c_in * k2))
             w2 = torch.empty(c_out, c_in, k2, m, device=dev, dtype=dt).uniform_(-bound, bound)

@@ -22,6 +22,7 @@ from compress.pruning.budget import (
 )
 from compress.pruning.coupling import ChannelGroup, find_groups, group_masks_to_layer_masks
 from compress.pruning.gates import gate
+from compress.pruning.methods.channel_l1 import l1_channel_scores
 from compress.pruning.methods.fmp.config import FMPConfig
 from compress.pruning.methods.fmp.hypernetwork import VECTORS, ChannelVectors, HyperGate, hyper_convs
 
@@ -95,6 +96,11 @@ class FMPSearch(Pruner):
         device = next(self.model.parameters()).device
         sizes = {g.id: g.size for g in self.groups}
         self.vectors = ChannelVectors({g: sizes[g] for g in self.searched}, c.init, device)
+        if c.channel_init == "l1":  # before the hypernetworks: their init reproduces W at these z
+            scores = l1_channel_scores(self.model, [g for g in self.groups if g.id in self.searched])
+            with torch.no_grad():
+                for g in self.searched:
+                    self.vectors.vector(g).copy_(scores[g].clamp(min=1e-2).to(device))
         self.model.add_module(VECTORS, self.vectors)
         src = {}
         for n, conv in self.layers.items():
