@@ -53,6 +53,11 @@ def bench_args(model: Path, pi: PiVM, out: Path, photos: Path, targets: str, run
     ]  # fmt: skip
 
 
+def output_files(job_out) -> dict[str, str]:
+    """The runner's SR file per image name (files are named by the host, never by the user's image names)."""
+    return {img["name"]: img["output"] for img in json.loads((job_out / "result.json").read_text())["images"]}
+
+
 def test_both_runtimes_in_the_vm_match_the_local_outputs_to_float_rounding(
     vm: PiVM, photos, tiny_tflite, tmp_path
 ) -> None:
@@ -69,9 +74,9 @@ def test_both_runtimes_in_the_vm_match_the_local_outputs_to_float_rounding(
     for name, (runtime, version) in PI_TARGETS.items():
         row = rows[name]
         job_out = out / row["job_dir"] / "out"
-        npys = sorted(p.name for p in job_out.glob("*.npy"))
-        assert npys == ["kodim23.npy", "monarch.npy"]
-        for f in npys:
+        files = output_files(job_out)
+        assert sorted(files) == ["kodim23", "monarch"] and files == output_files(local_out)
+        for f in files.values():
             ours, theirs = np.load(job_out / f), np.load(local_out / f)
             diff = np.abs(ours - theirs)
             levels = np.abs(quantize_uint8(ours).astype(int) - quantize_uint8(theirs).astype(int))
@@ -134,7 +139,9 @@ def test_int8_outputs_in_the_vm_are_within_one_lsb_of_the_local_outputs(vm: PiVM
     for name, (runtime, _) in PI_TARGETS.items():
         same_runtime = runtime == rows["local"]["runtime"]["name"]
         job_out = out / rows[name]["job_dir"] / "out"
-        for f in ("kodim23.npy", "monarch.npy"):
+        files = output_files(job_out)
+        assert sorted(files) == ["kodim23", "monarch"] and files == output_files(local_out)
+        for f in files.values():
             ours, theirs = np.load(job_out / f), np.load(local_out / f)
             diff = np.abs(ours - theirs)
             print(f"{name} {f}: max |diff| {diff.max():.3g} = {diff.max() / lsb:.2f} LSB (LSB {lsb:.3g}), "
@@ -180,6 +187,8 @@ def test_killing_the_vm_mid_run_fails_that_target_with_exit_3(vm: PiVM, photos, 
     [row] = report["rows"]  # the local target finished everything, and its row is complete
     assert row["target"] == "local" and row["runs"] == 200 and len(row["latency_samples_ms"]) == 200
     assert set(row["per_image"]) == {"kodim23", "monarch"} and np.isfinite(row["psnr_y_db"])
-    assert sorted(p.name for p in (out / row["job_dir"] / "out").glob("*.npy")) == ["kodim23.npy", "monarch.npy"]
+    files = output_files(out / row["job_dir"] / "out")
+    assert sorted(files) == ["kodim23", "monarch"]
+    assert sorted(p.name for p in (out / row["job_dir"] / "out").glob("*.npy")) == sorted(files.values())
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [entry["row"]["target"] for entry in lines] == ["local"]
