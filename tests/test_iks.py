@@ -53,6 +53,21 @@ def test_gate_gradients_follow_the_reference():
     assert hard.theta.grad is None or torch.count_nonzero(hard.theta.grad) == 0
 
 
+def test_ste_gate_has_the_hard_value_and_the_soft_gradient_for_theta():
+    w = torch.tensor([0.5, -0.2, 0.05, -0.01], requires_grad=True)
+    grads = {}
+    for kind in ("soft", "ste"):
+        g = IKSGate(w.detach(), tuple(w.shape), theta_init=-3.0, gate=kind)
+        out = g(w)
+        if kind == "ste":
+            assert torch.equal(out.detach(), IKSGate(w.detach(), tuple(w.shape), -3.0, "hard")(w).detach())
+        out.sum().backward()
+        grads[kind] = (w.grad.clone(), g.theta.grad.clone())
+        w.grad = None
+    assert torch.equal(grads["ste"][0], grads["soft"][0])  # survivors pass dL/dW' through, the dead nothing
+    assert torch.allclose(grads["ste"][1], grads["soft"][1]) and grads["ste"][1].abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     "granularity, shape",
     [("weight", (4, 3, 3, 3)), ("kernel", (4, 3, 1, 1)), ("filter", (4, 1, 1, 1)), ("layer", (1,))],

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 # Threshold granularity: our name -> the reference's --sparseMode name.
 GRANULARITIES = {"weight": "pw", "kernel": "kw", "filter": "gw", "layer": "lw"}
-GATES = ("soft", "hard")
+GATES = ("soft", "hard", "ste")
 FINISHES = ("mask", "reference")
 SURVIVORS = ("unshrunk", "shrunk")
 
@@ -78,7 +78,8 @@ class IKSConfig:
     granularity: str = option("weight", "one threshold per weight, kernel, filter or layer", choices=GRANULARITIES)
     gate: str = option(
         "auto",
-        "soft: sign(w) relu(|w| - t); hard: w [|w| > t]; auto: soft with --finish reference, hard with mask",
+        "soft: sign(w) relu(|w| - t); hard: w [|w| > t]; ste: hard's value, soft's gradient to θ; auto: soft "
+        "with --finish reference, hard with mask",
         choices=("auto", *GATES),
     )
     theta_init: float = option(-12.0, "initial θ; the threshold is sigmoid(θ)")
@@ -152,13 +153,17 @@ class IKSGate(nn.Module):
         super().__init__()
         self.gate = gate
         theta = torch.full(shape, theta_init, dtype=weight.dtype, device=weight.device)
-        self.theta = nn.Parameter(theta, requires_grad=gate == "soft")
+        self.theta = nn.Parameter(theta, requires_grad=gate != "hard")
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         threshold = torch.sigmoid(self.theta)
+        if self.gate == "soft":
+            return torch.sign(w) * torch.relu(w.abs() - threshold)
+        kept = (w.abs() > threshold).to(w.dtype)
         if self.gate == "hard":
-            return w * (w.abs() > threshold).to(w.dtype)
-        return torch.sign(w) * torch.relu(w.abs() - threshold)
+            return w * kept
+        # ste: the hard gate's value (no shrinkage), the soft gate's gradient for θ (-sign(w) sigmoid'(θ) on survivors)
+        return w * kept - torch.sign(w).detach() * kept * (threshold - threshold.detach())
 
 
 class IKSPruner(Pruner):
