@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense-lr", type=float, default=5e-4, help="dense-ft's peak lr (default 5e-4, FINETUNE.lr)")
     p.add_argument("--no-dense-ft", action="store_true", help="skip the dense fine-tune rows")
     p.add_argument("--no-dense-hr", action="store_true", help="skip dense-ft-hr (the dense fine-tune on HR only)")
+    p.add_argument("--table-only", action="store_true", help="run nothing: tabulate the runs already in --out")
     p.add_argument("--extra", default="", help="extra flags for every run, dense-ft included, as one string")
     return p.parse_args(argv)
 
@@ -90,6 +91,8 @@ def run_one(args: argparse.Namespace, name: str, flags: list[str], target: float
     out = args.out / f"{name}-{target:g}-s{seed}"
     if (out / "manifest.json").exists():
         log.info("reusing %s", out)
+    elif args.table_only:
+        return {"row": name, "target": target, "seed": seed, "missing": True}
     else:
         common = ["--checkpoint", args.checkpoint, "--steps", str(args.steps), "--seed", str(seed)]
         common += ["--test-set", args.test_set, "--device", args.device, "--out", str(out)]
@@ -226,9 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [(name, flags, t, s) for t in targets for name, flags in rows_to_run(args)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(lambda j: run_one(args, *j, threads), jobs))
+    missing = [r for r in runs if r.pop("missing", False)]
+    runs = [r for r in runs if r not in missing]
     errors = [r for r in runs if "error" in r]
     summary = aggregate([start_row(args), *runs])
     text = table(summary, errors, args, threads)
+    if missing:
+        text += "\n\nNot run (--table-only): " + ", ".join(
+            f"{r['row']} {r['target']:g} seed {r['seed']}" for r in missing
+        )
     record = {"summary": summary, "runs": runs, "args": {k: str(v) for k, v in vars(args).items()}}
     write_json(args.out / "prune_tradeoff.json", record)
     (args.out / "prune_tradeoff.md").write_text(text + "\n")
