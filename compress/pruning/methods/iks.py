@@ -242,6 +242,11 @@ class IKSPruner(Pruner):
     def done(self) -> bool:
         return self.stopped_at is not None
 
+    def _config_record(self) -> dict[str, Any]:
+        """The settings as the manifest records them: the config, the epoch length and the reference's mode name."""
+        c = self.config
+        return {**asdict(c), "eval_every_steps": self.eval_every, "reference_sparse_mode": GRANULARITIES[c.granularity]}
+
     def status(self) -> dict[str, str]:
         if not self.trace:
             return {}
@@ -265,11 +270,7 @@ class IKSPruner(Pruner):
             "achieved_sparsity_pruned_layers": achieved,
             "per_layer_sparsity": per_layer,
             "pruned_layers": list(self.layers),
-            "config": {
-                **asdict(c),
-                "eval_every_steps": self.eval_every,
-                "reference_sparse_mode": GRANULARITIES[c.granularity],
-            },
+            "config": self._config_record(),
             "selected": {k: v for k, v in self.best.items() if k != "state"},
             "selection_rule": f"best validation PSNR among states with gated sparsity >= target - {c.tolerance}",
             "validations": sum(1 for t in self.trace if t[2] != -1),
@@ -321,11 +322,7 @@ class IKSPruner(Pruner):
         return {
             "method": self.name,
             "target_sparsity": c.sparsity,
-            "config": {
-                **asdict(c),
-                "eval_every_steps": self.eval_every,
-                "reference_sparse_mode": GRANULARITIES[c.granularity],
-            },
+            "config": self._config_record(),
             "threshold_steps": steps,
             "sparsity_at_fix_pct": round(reached, 4),
             "forced": reached < 100.0 * c.sparsity - 1e-9,  # the cut went below the thresholds' own zeros
