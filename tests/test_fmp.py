@@ -21,6 +21,7 @@ from compress.pruning.methods.channel_l1 import ChannelL1Config, l1_channel_scor
 from compress.pruning.methods.fmp import FMPConfig, FMPSearch, materialize
 from compress.pruning.methods.fmp.hypernetwork import ChannelVectors, HyperGate
 from compress.pruning.methods.fmp.materialize import finetune_pruner
+from compress.pruning.slicing import slice_model
 from compress.train import TrainConfig, TrainData, train
 from edgesr.datasets import load_test_set, load_training_images
 
@@ -271,6 +272,41 @@ def test_rewind_restores_the_channel_lock_state_and_undamps_survivors(butterfly)
         searched = model(butterfly)
         out = materialize(search)(butterfly)
     assert (out - searched).abs().max() < 1e-5
+
+
+def test_finetune_from_checkpoint_starts_the_compact_net_from_its_weights(butterfly):
+    """--finetune-from checkpoint: the search only chooses the masks; the compact net holds the dense model's own
+    weights (sliced, the cut ones zero), whatever the search did to the hypernetworks and the other layers."""
+    model = tiny("edsr")
+    dense = copy.deepcopy(model)
+    config = FMPConfig(params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, finetune_from="checkpoint")
+    search = FMPSearch(model, config, total_steps=100, scale=2)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for z in search.vectors.z.values():
+            z.copy_(torch.rand(z.shape, generator=gen) * (torch.rand(z.shape, generator=gen) < 0.5))
+        for h in search.hyper.values():
+            h.U.copy_(torch.rand(h.U.shape, generator=gen) * (torch.rand(h.U.shape, generator=gen) > 0.4))
+            h.B0.add_(0.1)  # the search moved the hypernetworks ...
+        model.head[0].bias.add_(1.0)  # ... and a layer without one
+    search.step(1, 0.0)
+    assert search.done()
+    keep = {g: k.clone() for g, k in search.channel_keep.items()}
+    compact = materialize(search)
+    assert search.report["finetune_from"] == "checkpoint"
+    expected = slice_model(dense, find_groups(dense), keep)
+    for name, module in expected.named_modules():
+        for attr in ("weight", "bias"):
+            w = getattr(module, attr, None) if isinstance(module, nn.Conv2d) else None
+            if w is None:
+                continue
+            g = getattr(compact.get_submodule(name), attr).detach()  # through the mask gate, if any
+            assert g.shape == w.shape, name
+            assert torch.equal(g[g != 0], w.detach()[g != 0]), (name, attr)  # every survivor: the checkpoint's
+    zeros = zero_fraction(compact, search.report["hypernetwork_layers"])
+    assert 0.3 <= zeros < 0.3 + 2e-2  # the cut ones (and nothing else but the checkpoint's own zeros)
+    with torch.no_grad():
+        assert (compact(butterfly) - expected(butterfly)).abs().max() > 0  # the masks did cut something
 
 
 def test_run_fmp_meets_both_targets_and_round_trips(tmp_path, photos, butterfly):

@@ -11,6 +11,7 @@ INITS = ("pretrained", "scratch")
 WEIGHTS_FROM = ("channel-lock", "start")
 WEIGHT_SCORES = ("mean-u-abs-w", "u")
 CHANNEL_INITS = ("ones", "l1")
+FINETUNE_FROM = ("search", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class ChannelOnlyConfig(ChannelBudget):
         choices=CHANNEL_INITS,
     )
     layers: str = option("auto", "layers that get hypernetworks: auto (every conv in a prunable group) or globs")
+    finetune_from: str = option(
+        "search",
+        "what the compact net fine-tunes from: the searched net's final kernels and parameters, or (checkpoint) "
+        "the checkpoint's own weights under the search's channel and weight masks",
+        choices=FINETUNE_FROM,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,6 +57,7 @@ class ChannelOnlyConfig(ChannelBudget):
         require(self.init in INITS, "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         require(self.channel_init in CHANNEL_INITS, "channel_init", f"must be one of {', '.join(CHANNEL_INITS)}")
         require(self.channel_init == "ones" or self.init == "pretrained", "channel_init", "l1 needs --init pretrained")
+        require(self.finetune_from in FINETUNE_FROM, "finetune_from", f"must be one of {', '.join(FINETUNE_FROM)}")
 
     @property
     def method(self) -> str:

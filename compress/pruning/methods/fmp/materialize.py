@@ -59,6 +59,8 @@ def materialize(search: FMPSearch) -> nn.Module:
         parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
         conv.weight.requires_grad_(True)
     delattr(search.model, VECTORS)
+    if search.checkpoint_state is not None:  # the search chose the masks; the survivors start as they were
+        search.model.load_state_dict(search.checkpoint_state)
     layer_masks = group_masks_to_layer_masks(search.model, search.groups, keep)
     compact = slice_model(search.model, search.groups, keep)
     alive = {}
@@ -97,6 +99,7 @@ def materialize(search: FMPSearch) -> nn.Module:
         "weights_locked_at": search.weights_locked_at,
         "forced": any(forced.values()),
         "forced_parts": forced,
+        "finetune_from": c.finetune_from,
         "settings": {
             **asdict(c),
             "z_update": "SGD at channel_lr, then prox soft threshold lambda_C * channel_lr",

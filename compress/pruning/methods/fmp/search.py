@@ -56,6 +56,9 @@ class FMPSearch(Pruner):
         self.min_keep = min_keep_per_group(self.groups, self.searched, config.min_channels)
         check_reachable(self.cost, config.metric, config.target, self.min_keep)
         self.limit = int(config.target * self.cost.original[config.metric])
+        self.checkpoint_state: dict[str, torch.Tensor] | None = None  # the net before the search (survivors)
+        if config.finetune_from == "checkpoint":
+            self.checkpoint_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self._attach()
         zs = list(self.vectors.z.values())
         self.z_opt = torch.optim.SGD(zs, lr=1.0) if zs else None  # lr set once lambda_C is known
@@ -383,7 +386,8 @@ class FMPSearch(Pruner):
             "channels_locked_at": self.channels_locked_at,
             "weights_locked_at": self.weights_locked_at,
             "l1_active": self.l1_active,
-            "rewind_state": None if self.rewind_state is None else {k: v.cpu() for k, v in self.rewind_state.items()},
+            "rewind_state": None if self.rewind_state is None else _cpu(self.rewind_state),
+            "checkpoint_state": None if self.checkpoint_state is None else _cpu(self.checkpoint_state),
             "u_sum": {n: v.cpu() for n, v in self.u_sum.items()},
             "u_steps": self.u_steps,
             "exhausted": self.exhausted,
@@ -418,8 +422,14 @@ class FMPSearch(Pruner):
         rewind = state["rewind_state"]
         device = next(self.model.parameters()).device
         self.rewind_state = None if rewind is None else {k: v.to(device) for k, v in rewind.items()}
+        before = state.get("checkpoint_state")
+        self.checkpoint_state = None if before is None else {k: v.to(device) for k, v in before.items()}
         self.u_sum = {n: v.to(device) for n, v in state["u_sum"].items()}
         self.u_steps = int(state["u_steps"])
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in state.items()}
 
 
 def _indicator_key(key: str) -> bool:
