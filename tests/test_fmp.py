@@ -172,7 +172,9 @@ def test_channel_vectors_follow_pixel_shuffle_and_concat():
 
 
 def test_prox_is_the_soft_threshold_and_groups_keep_min_channels():
-    config = FMPConfig(params=0.5, weight_sparsity=0.0, check_every=1000, lambda_channel=0.1, channel_lr=0.25)
+    config = FMPConfig(
+        params=0.5, weight_sparsity=0.0, check_every=1000, lambda_channel=0.1, channel_lr=0.25, channel_init="ones"
+    )
     search = FMPSearch(tiny("edsr"), config, total_steps=10_000, scale=2)
     signs = torch.tensor([1.0, -1.0]).repeat(8)
     start = torch.arange(1, 17) * 0.05 * signs  # distinct magnitudes 0.05 .. 0.8 (within z's scale 1), alternating
@@ -209,7 +211,9 @@ def test_prox_is_the_soft_threshold_and_groups_keep_min_channels():
 
 def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
     model = tiny("edsr")
-    config = FMPConfig(params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, rewind=False)
+    config = FMPConfig(  # --finetune-from search: the compact net takes over the searched kernels
+        params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, rewind=False, finetune_from="search"
+    )
     search = FMPSearch(model, config, total_steps=100, scale=2)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -243,7 +247,7 @@ def test_locked_search_net_computes_what_the_compact_net_computes(butterfly):
 
 def test_rewind_restores_the_channel_lock_state_and_undamps_survivors(butterfly):
     model = tiny("edsr")
-    config = FMPConfig(params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1)
+    config = FMPConfig(params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, finetune_from="search")
     search = FMPSearch(model, config, total_steps=100, scale=2)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -364,7 +368,9 @@ def test_run_fmp_meets_both_targets_and_round_trips(tmp_path, photos, butterfly)
 def test_forced_targets_keep_the_largest_z_and_weights(tmp_path, photos):
     """A search too short to prune anything: materialize forces both targets."""
     model = tiny("edsr")
-    search = FMPSearch(model, FMPConfig(params=0.5, weight_sparsity=0.3, check_every=100), total_steps=8, scale=2)
+    search = FMPSearch(
+        model, FMPConfig(params=0.5, weight_sparsity=0.3, check_every=100, search_fraction=0.5), total_steps=8, scale=2
+    )
     train(model, sampler(photos), train_cfg(8), tmp_path, pruner=search)
     assert search.steps_made == search.budget_steps == 4 and search.channels_locked_at is None
     gen = torch.Generator().manual_seed(0)

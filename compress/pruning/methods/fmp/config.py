@@ -10,7 +10,7 @@ from compress.pruning.budget import ChannelBudget
 INITS = ("pretrained", "scratch")
 WEIGHTS_FROM = ("channel-lock", "start")
 WEIGHT_SCORES = ("mean-u-abs-w", "u")
-CHANNEL_INITS = ("ones", "l1")
+CHANNEL_INITS = ("auto", "ones", "l1")
 FINETUNE_FROM = ("search", "checkpoint")
 
 
@@ -29,17 +29,18 @@ class ChannelOnlyConfig(ChannelBudget):
     channel_threshold: float = option(5e-3, "T: a channel with |z| below it is pruned (DHP)")
     min_channels: int = option(4, "never prune a channel group below this many channels (DHP: 4)")
     check_every: int = option(0, "steps between mask checks (0: steps / 40)")
-    search_fraction: float = option(0.5, "most of the steps the search may use; the rest fine-tunes")
+    search_fraction: float = option(0.1, "most of the steps the search may use; the rest fine-tunes")
     init: str = option("pretrained", "hypernetwork init: pretrained (reproduces the weights) or scratch", choices=INITS)
     channel_init: str = option(
-        "ones",
-        "init pretrained: z starts at 1, or at each channel's L1 filter norm / its group's mean (l1: the prox then "
-        "reaches the weak channels first); the hypernetwork reproduces the weights either way",
+        "auto",
+        "init pretrained: z starts at 1 (ones), or at each channel's L1 filter norm / its group's mean (l1: the prox "
+        "then reaches the weak channels first); the hypernetwork reproduces the weights either way. auto: l1 with "
+        "init pretrained; init scratch draws z itself (DHP)",
         choices=CHANNEL_INITS,
     )
     layers: str = option("auto", "layers that get hypernetworks: auto (every conv in a prunable group) or globs")
     finetune_from: str = option(
-        "search",
+        "checkpoint",
         "what the compact net fine-tunes from: the searched net's final kernels and parameters, or (checkpoint) "
         "the checkpoint's own weights under the search's channel and weight masks",
         choices=FINETUNE_FROM,
@@ -56,7 +57,7 @@ class ChannelOnlyConfig(ChannelBudget):
         require(0.0 < self.search_fraction < 1.0, "search_fraction", f"must be in (0, 1), got {self.search_fraction}")
         require(self.init in INITS, "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         require(self.channel_init in CHANNEL_INITS, "channel_init", f"must be one of {', '.join(CHANNEL_INITS)}")
-        require(self.channel_init == "ones" or self.init == "pretrained", "channel_init", "l1 needs --init pretrained")
+        require(self.channel_init != "l1" or self.init == "pretrained", "channel_init", "l1 needs --init pretrained")
         require(self.finetune_from in FINETUNE_FROM, "finetune_from", f"must be one of {', '.join(FINETUNE_FROM)}")
 
     @property

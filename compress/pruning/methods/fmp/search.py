@@ -99,7 +99,10 @@ class FMPSearch(Pruner):
         device = next(self.model.parameters()).device
         sizes = {g.id: g.size for g in self.groups}
         self.vectors = ChannelVectors({g: sizes[g] for g in self.searched}, c.init, device)
-        if c.channel_init == "l1":  # before the hypernetworks: their init reproduces W at these z
+        if c.init == "pretrained" and c.channel_init in (
+            "auto",
+            "l1",
+        ):  # before the hypernetworks: their init reproduces W at these z
             scores = l1_channel_scores(self.model, [g for g in self.groups if g.id in self.searched])
             with torch.no_grad():
                 for g in self.searched:
