@@ -84,6 +84,15 @@ FAST = dict(
 )
 
 
+def scramble_channels(search: FMPSearch, seed: int) -> torch.Generator:
+    """Random z with about half the channels at 0 (a search that has found its channels); the generator goes on."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for z in search.vectors.z.values():
+            z.copy_(torch.rand(z.shape, generator=gen) * (torch.rand(z.shape, generator=gen) < 0.5))
+    return gen
+
+
 @pytest.mark.parametrize("name, channel_init", [("edsr", "ones"), ("rdn", "ones"), ("edsr", "l1"), ("rdn", "l1")])
 def test_pretrained_init_reproduces_the_dense_model(name, channel_init, butterfly):
     model = tiny(name).eval()
@@ -249,10 +258,7 @@ def test_rewind_restores_the_channel_lock_state_and_undamps_survivors(butterfly)
     model = tiny("edsr")
     config = FMPConfig(params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, finetune_from="search")
     search = FMPSearch(model, config, total_steps=100, scale=2)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for z in search.vectors.z.values():
-            z.copy_(torch.rand(z.shape, generator=gen) * (torch.rand(z.shape, generator=gen) < 0.5))
+    gen = scramble_channels(search, seed=3)
     search.step(1, 0.0)  # channels lock; the indicators are all 1, so the weights do not
     assert search.channels_locked_at == 1 and search.weights_locked_at is None
     at_lock = {k: v.clone() for k, v in model.state_dict().items()}
@@ -285,10 +291,8 @@ def test_finetune_from_checkpoint_starts_the_compact_net_from_its_weights(butter
     dense = copy.deepcopy(model)
     config = FMPConfig(params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, finetune_from="checkpoint")
     search = FMPSearch(model, config, total_steps=100, scale=2)
-    gen = torch.Generator().manual_seed(3)
+    gen = scramble_channels(search, seed=3)
     with torch.no_grad():
-        for z in search.vectors.z.values():
-            z.copy_(torch.rand(z.shape, generator=gen) * (torch.rand(z.shape, generator=gen) < 0.5))
         for h in search.hyper.values():
             h.U.copy_(torch.rand(h.U.shape, generator=gen) * (torch.rand(h.U.shape, generator=gen) > 0.4))
             h.B0.add_(0.1)  # the search moved the hypernetworks ...
