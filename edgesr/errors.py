@@ -7,15 +7,16 @@ stderr and the documented exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import CodeType, FrameType
 from typing import Any, NoReturn
 
 EXIT_OK = 0
@@ -109,34 +110,65 @@ def _terminate_by_unwinding() -> None:
 def _reraise_swallowed_signals(previous: Callable[..., object]) -> Callable[..., object]:
     """A signal whose handler ran inside a callback Python cannot propagate from (a gc callback, `__del__`, a
     weakref finaliser; jax installs a gc callback) would be printed as "Exception ignored" and the run would go on
-    to exit 0. This hook raises it again in the main thread once that thread has left the hook: from a helper
-    thread, since an exception set from here would fire inside the hook itself, where nothing can catch it. If it
-    lands in another such callback, this hook runs again and so does the helper."""
-    import ctypes
-
-    def in_hook(frame: Any) -> bool:
-        while frame is not None:
-            if frame.f_code is hook.__code__:
-                return True
-            frame = frame.f_back
-        return False
-
-    def raise_in_main(kind: type[BaseException], ident: int) -> None:
-        deadline = time.monotonic() + 10.0
-        while in_hook(sys._current_frames().get(ident)) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(kind))
+    to exit 0. This hook raises it again at the main thread's next Python line outside such a callback: a trace
+    function does it, since an exception a trace function raises propagates from the traced frame. The callback's
+    code is remembered (with every gc callback's), so the raise never lands in it again; one that swallows it for
+    the first time runs this hook again, which learns it too. (An asynchronous exception set from a helper thread
+    would land at the next check of the interpreter, which in a gc-heavy loop is the next callback, again and
+    again: it stopped such a run seconds late or not at all.)"""
+    swallowers: set[CodeType] = set()
 
     def hook(unraisable: Any) -> None:
         exc = unraisable.exc_value
-        if not isinstance(exc, Terminated | KeyboardInterrupt):
+        if (
+            not isinstance(exc, Terminated | KeyboardInterrupt)
+            or threading.current_thread() is not threading.main_thread()
+        ):
             previous(unraisable)
             return
+        tb = unraisable.exc_traceback
+        if tb is not None:
+            swallowers.add(tb.tb_frame.f_code)
+        swallowers.update(code for code in map(_code_of, gc.callbacks) if code is not None)
         kind = type(exc) if isinstance(exc, KeyboardInterrupt) else _terminated_class(exc.signum)
-        ident = threading.main_thread().ident
-        threading.Thread(target=raise_in_main, args=(kind, ident), name="edgesr-reraise", daemon=True).start()
+        _raise_at_next_line(kind, swallowers | {hook.__code__}, sys._getframe(1))
 
     return hook
+
+
+def _code_of(function: object) -> CodeType | None:
+    function = getattr(function, "__func__", function)  # a bound method's function
+    return getattr(function, "__code__", None)
+
+
+def _raise_at_next_line(kind: type[BaseException], skip: set[CodeType], frame: FrameType | None) -> None:
+    """Raise `kind` from the current thread's next traced event (a line or a call) whose stack holds no code in
+    `skip`; then put back whatever trace function was there before (a debugger's, coverage's)."""
+    before, armed = sys.gettrace(), []
+
+    def in_skipped(f: FrameType | None) -> bool:
+        while f is not None:
+            if f.f_code in skip:
+                return True
+            f = f.f_back
+        return False
+
+    def tracer(f: FrameType, event: str, arg: object) -> Any:
+        if not armed or event not in ("call", "line"):
+            return None if not armed else tracer
+        if in_skipped(f):
+            return None if event == "call" else tracer
+        for traced in armed:
+            traced.f_trace = None
+        armed.clear()
+        sys.settrace(before)
+        raise kind()
+
+    while frame is not None:  # the frames already running get line events; new ones get call events
+        frame.f_trace = tracer
+        armed.append(frame)
+        frame = frame.f_back
+    sys.settrace(tracer)
 
 
 MAX_MESSAGE_CHARS = 400  # an error line is one line of at most this many characters, whatever the input held
