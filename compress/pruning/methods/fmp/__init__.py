@@ -85,7 +85,8 @@ Our choices where the paper is silent (or only its reviews describe it):
   normalised L1 filter norm so the prox reaches the weak channels first and the gradient decides among the rest
   (ones: 33.972, l1: 34.004 at sf 0.1), and the search gets 10 % of the steps (sf 0.5: 33.732, 0.2: 33.728, 0.1:
   34.004, 0.05 with checks every 10 steps: 33.999). `--finetune-from search --channel-init ones --search-fraction
-  0.5` is the earlier behaviour; `rewind` only matters with `--finetune-from search`.
+  0.5` is the earlier behaviour; `rewind` only matters with `--finetune-from search`. The same ablation kept the
+  search at 1/m of the lr (the full lr: 33.972) and the mean-U x |W| weight score (U alone: 33.818).
 * Init "pretrained" (the default: users start from a dense checkpoint, although FMP reportedly trains from scratch):
   z = 1 (or the L1 start above), biases 0, w1 ~ U(-sqrt3, sqrt3) and W2_ij = W_ij w1_ij^T / |w1_ij|^2. The generated
   kernel is then exactly the checkpoint's, and W_ij = (z_in_i z_out_j + B0_ij) W_ij stays linear in z, so shrinking
