@@ -15,6 +15,7 @@ from compress.evaluate import model_stats
 from compress.models import create_model
 from compress.pruning.budget import ChannelCost
 from compress.pruning.coupling import find_groups
+from compress.pruning.gates import gate
 from compress.pruning.layers import prunable_layers
 from compress.pruning.methods import channel_l1, fmp
 from compress.pruning.methods.channel_l1 import ChannelL1Config, l1_channel_scores, l1_keep
@@ -317,6 +318,43 @@ def test_finetune_from_checkpoint_starts_the_compact_net_from_its_weights(butter
         assert (compact(butterfly) - expected(butterfly)).abs().max() > 0  # the masks did cut something
 
 
+def test_weight_ramp_closes_the_searched_mask_smallest_first(tmp_path, photos):
+    """--weight-ramp: the compact net starts whole; the searched dead weights go in order of |W|, a cubic share at
+    each step of the ramp, and from its end (and after bake) exactly the searched ones are zero."""
+    model = tiny("edsr")
+    config = FMPConfig(params=0.5, weight_sparsity=0.3, lambda_weight=0.0, check_every=1, weight_ramp=0.5)
+    search = FMPSearch(model, config, total_steps=100, scale=2)
+    gen = scramble_channels(search, seed=3)
+    with torch.no_grad():
+        for h in search.hyper.values():
+            h.U.copy_(torch.rand(h.U.shape, generator=gen) * (torch.rand(h.U.shape, generator=gen) > 0.4))
+    search.step(1, 0.0)
+    compact = materialize(search)
+    layers = search.report["hypernetwork_layers"]
+    assert zero_fraction(compact, layers) < 0.01  # the gates start open: nothing cut yet
+    pruner = finetune_pruner(search, compact, steps=40)
+    assert (pruner.end, pruner.frequency) == (20, 1)
+    pruner.step(5)
+    share, closed_total = 1 - (1 - 5 / 20) ** 3, 0
+    for name, alive in search.weight_alive.items():
+        weight = compact.get_submodule(name).parametrizations.weight.original.detach().abs()
+        closed = ~gate(compact.get_submodule(name)).mask
+        assert int(closed.sum()) == round(share * int((~alive).sum()))
+        assert not (closed & alive).any()  # only searched-dead weights close ...
+        still = ~alive & ~closed
+        if closed.any() and still.any():
+            assert weight[closed].max() <= weight[still].min()  # ... the smallest |W| of them first
+        closed_total += int(closed.sum())
+    assert closed_total > 0
+    train(compact, sampler(photos), train_cfg(40), tmp_path, pruner=pruner)
+    report = pruner.finalize()
+    assert report["weight_ramp_steps"] == 20
+    for name, alive in search.weight_alive.items():
+        weight = compact.get_submodule(name).weight.detach()
+        assert torch.equal(weight[~alive], torch.zeros_like(weight[~alive]))
+    assert 0.3 <= zero_fraction(compact, layers) < 0.3 + 2e-2
+
+
 def test_run_fmp_meets_both_targets_and_round_trips(tmp_path, photos, butterfly):
     model = tiny("edsr")
     dense = copy.deepcopy(model)
@@ -383,7 +421,7 @@ def test_forced_targets_keep_the_largest_z_and_weights(tmp_path, photos):
             v.copy_(torch.rand(v.shape, generator=gen) + 0.01)
     z = {g: search.vectors.vector(g).detach().abs().clone() for g in search.searched}
     compact = materialize(search)
-    report = finetune_pruner(search, compact).finalize()
+    report = finetune_pruner(search, compact, steps=0).finalize()
     assert report["forced"] is True and report["forced_parts"] == {"channels": True, "weights": True}
     assert report["achieved_params_fraction"] <= 0.5 and report["search_steps"] == 4
     # Forced channels: every group kept its largest |z| (one global ascending order removed the rest).
@@ -405,7 +443,7 @@ def test_macs_target_on_rdn_is_forced_by_mac_count(butterfly):
     before = model_stats(model, 2)["macs_1280x720"]
     search = FMPSearch(model, FMPConfig(macs=0.4, weight_sparsity=0.5), total_steps=10, scale=2)
     compact = materialize(search)
-    report = finetune_pruner(search, compact).finalize()
+    report = finetune_pruner(search, compact, steps=0).finalize()
     stats = model_stats(compact, 2)
     assert report["forced_parts"] == {"channels": True, "weights": True}
     assert stats["macs_1280x720"] == report["compact"]["macs"] <= 0.4 * before

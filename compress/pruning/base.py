@@ -13,7 +13,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.pruning.gates import bake, layer_sparsity
+from compress.pruning.gates import bake, gate, layer_sparsity
+
+
+def cubic_ramp(step: int, end: int) -> float:
+    """Zhu & Gupta's schedule as a fraction of the way: 0 at step 0, 1 - (1 - t / end)^3, 1 from `end` on."""
+    if step <= 0:
+        return 0.0
+    return 1.0 if step >= end else 1.0 - (1.0 - step / end) ** 3
 
 
 class Pruner:
@@ -74,3 +81,54 @@ class FixedMaskPruner(Pruner):
             "achieved_sparsity_pruned_layers": achieved,
             "per_layer_sparsity": per_layer,
         }
+
+
+class RampedMaskPruner(FixedMaskPruner):
+    """A FixedMaskPruner whose gates close gradually: each gated layer starts whole, and over the first `end`
+    steps the weights its final mask `alive` kills are cut in order of their current |W| (a cubic share of them
+    at every `frequency`-th step, as in gradual magnitude pruning), so the survivors adapt while the dead ones go.
+    From `end` on (and at finalize, for a run cut short) the gates are the final masks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[str],
+        record: dict[str, Any],
+        name: str,
+        alive: dict[str, torch.Tensor],
+        end: int,
+    ) -> None:
+        super().__init__(model, layers, record, name)
+        self.alive, self.end, self.frequency = alive, max(1, end), max(1, end // 20)
+        self.cut = 0.0
+
+    @torch.no_grad()
+    def _close(self, share: float) -> None:
+        for n, alive in self.alive.items():
+            conv = self.gated[n]
+            mask = gate(conv).mask
+            alive = alive.to(mask.device)
+            need = round(share * int((~alive).sum()))
+            score = conv.weight.detach().abs().flatten().clone()  # W' = W * mask: cut ones score 0, stay cut
+            score[alive.flatten()] = torch.inf
+            mask.fill_(True)
+            mask.view(-1)[torch.topk(score, need, largest=False).indices] = False
+        self.cut = share
+
+    def step(self, step: int, lr: float = 0.0) -> None:
+        if self.cut < 1.0 and (step >= self.end or step % self.frequency == 0):
+            self._close(cubic_ramp(step, self.end))
+
+    def finalize(self) -> dict[str, Any]:
+        if self.cut < 1.0:
+            self._close(1.0)
+        return {**super().finalize(), "weight_ramp_steps": self.end}
+
+    def status(self) -> dict[str, str]:
+        return {"weights cut": f"{100 * self.cut:.0f}%"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cut": self.cut}  # the masks are buffers of the model's gates
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cut = float(state["cut"])

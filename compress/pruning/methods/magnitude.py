@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress.flags import option, require
-from compress.pruning.base import Pruner
+from compress.pruning.base import Pruner, cubic_ramp
 from compress.pruning.gates import MaskGate, attach_gates, bake, gate, select_layers, zero_fraction
 from compress.train import TrainConfig, TrainData, train
 
@@ -59,11 +59,7 @@ class GradualMagnitudePruner(Pruner):
         self.current = 0.0
 
     def sparsity_at(self, step: int) -> float:
-        if step <= 0:
-            return 0.0
-        if step >= self.end_step:
-            return self.config.sparsity
-        return self.config.sparsity * (1.0 - (1.0 - step / self.end_step) ** 3)
+        return self.config.sparsity * cubic_ramp(step, self.end_step)
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:

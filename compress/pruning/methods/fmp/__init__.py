@@ -143,7 +143,7 @@ def run(
     run_search = train(model, data, search_cfg, out / "search", pruner=search, resume=resume)
     compact = materialize(search)
     finetune_cfg = dataclasses.replace(train_cfg, steps=train_cfg.steps - run_search["steps"])
-    pruner = finetune_pruner(search, compact)
+    pruner = finetune_pruner(search, compact, finetune_cfg.steps)
     run_finetune = train(compact, data, finetune_cfg, out / "finetune", pruner=pruner, resume=resume)
     record = pruner.finalize()
     record["finetune_steps"] = run_finetune["steps"]

@@ -88,6 +88,11 @@ class FMPConfig(ChannelOnlyConfig):
         choices=WEIGHT_SCORES,
     )
     weight_threshold: float = option(5e-3, "T_w: an indicator below it is dead")
+    weight_ramp: float = option(
+        0.0,
+        "share of the fine-tune steps over which the searched weight mask closes (cubic, the smallest |W| of its "
+        "dead weights first); 0: at once",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +102,7 @@ class FMPConfig(ChannelOnlyConfig):
         require(self.lambda_weight >= 0, "lambda_weight", f"must be >= 0, got {self.lambda_weight}")
         require(self.indicator_lr >= 0, "indicator_lr", f"must be >= 0, got {self.indicator_lr}")
         require(self.weight_threshold > 0, "weight_threshold", f"must be > 0, got {self.weight_threshold}")
+        require(0.0 <= self.weight_ramp < 1.0, "weight_ramp", f"must be in [0, 1), got {self.weight_ramp}")
         require(self.weight_score in WEIGHT_SCORES, "weight_score", f"must be one of {', '.join(WEIGHT_SCORES)}")
         require(self.weights_from in WEIGHTS_FROM, "weights_from", f"must be one of {', '.join(WEIGHTS_FROM)}")
 

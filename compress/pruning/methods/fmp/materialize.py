@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.pruning.base import FixedMaskPruner
+from compress.pruning.base import FixedMaskPruner, RampedMaskPruner
 from compress.pruning.budget import budget_summary, kept_counts, prune_to_budget
 from compress.pruning.coupling import group_masks_to_layer_masks
 from compress.pruning.gates import MaskGate, attach_gates, gate
@@ -75,11 +75,15 @@ def materialize(search: FMPSearch) -> nn.Module:
                 _top_up(compact.get_submodule(n).weight.detach(), a, c.weight_sparsity)
             forced["weights"] = True
         gated = {n: compact.get_submodule(n) for n in alive}
-        for n, conv in gated.items():
-            conv.weight[~alive[n].to(conv.weight.device)] = 0.0
+        ramp = getattr(c, "weight_ramp", 0.0) > 0
+        if not ramp:  # else the gates start open and `finetune_pruner`'s ramp closes them
+            for n, conv in gated.items():
+                conv.weight[~alive[n].to(conv.weight.device)] = 0.0
         attach_gates(gated, MaskGate)
         for n, conv in gated.items():
-            gate(conv).mask.copy_(alive[n])
+            if not ramp:
+                gate(conv).mask.copy_(alive[n])
+    search.weight_alive = alive
     search.report = {
         "method": c.method,
         "targets": {
@@ -123,10 +127,15 @@ def materialize(search: FMPSearch) -> nn.Module:
     return compact
 
 
-def finetune_pruner(search: FMPSearch, compact: nn.Module) -> FixedMaskPruner:
-    """The pruner that fine-tunes `compact` (from `materialize`) and bakes its masks at the end."""
+def finetune_pruner(search: FMPSearch, compact: nn.Module, steps: int) -> FixedMaskPruner:
+    """The pruner that fine-tunes `compact` (from `materialize`) for `steps` and bakes its masks at the end: the
+    weight masks held from the start, or closed over the first `weight_ramp` of the steps."""
     if search.report is None:
         raise RuntimeError("call materialize() first")
+    ramp = getattr(search.config, "weight_ramp", 0.0)
+    if ramp > 0 and search.weight_alive:
+        end = round(ramp * steps)
+        return RampedMaskPruner(compact, list(search.layers), search.report, search.name, search.weight_alive, end)
     return FixedMaskPruner(compact, list(search.layers), search.report, name=search.name)
 
 
