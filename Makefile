@@ -74,9 +74,9 @@ $(VENV)/.ok: constraints.txt pyproject.toml
 	touch $@
 
 $(DEVICE_VENV)/.ok:
-	@echo "setting up $(DEVICE_VENV): what a device has (ai-edge-litert + numpy, no torch)"
+	@echo "setting up $(DEVICE_VENV): what a device has (ai-edge-litert + numpy; coremltools as on a Mac; no torch)"
 	$(PYTHON_BIN) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) ai-edge-litert==2.3.0 numpy==2.4.6
+	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt ai-edge-litert==2.3.0 numpy==2.4.6 coremltools==9.0
 	touch $@
 
 DEMO_FRAME ?= 960x540

@@ -17,7 +17,7 @@ elements), so small tensors such as a 3->32 head conv are compressed too:
 Core ML keeps tensors under 10 elements inline in the program text and never compresses them (EDSR's 3x3
 MeanShift convs, for instance); `mil_exec.conv_weights` reports them as `inline`.
 
-Prediction needs macOS; on Linux `convert.mil_exec` executes the saved program with numpy instead.
+Prediction needs macOS; on Linux `device_bench.mil_exec` executes the saved program with numpy instead.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from convert import mil_exec
+from device_bench import mil_exec
 from edgesr.manifest import atomic_output, size_bytes
 from edgesr.workload import Size, as_size
 
@@ -201,7 +201,7 @@ def load_program(path: str | os.PathLike) -> Any:
 
 
 def read_conv_weights(path: str | os.PathLike) -> list[np.ndarray]:
-    """The conv weights of a saved .mlpackage as dense arrays, decoded by `convert.mil_exec`, in program order."""
+    """The conv weights of a saved .mlpackage as dense arrays, decoded by `device_bench.mil_exec`, in program order."""
     return [w.value for w in mil_exec.conv_weights(load_program(path), where=str(path))]
 
 

@@ -1,4 +1,4 @@
-"""Core ML artifacts for one precision, each verified by executing the saved file (`convert.mil_exec`).
+"""Core ML artifacts for one precision, each verified by executing the saved file (`device_bench.mil_exec`).
 
 Per precision a dense and a sparse .mlpackage (see convert/coreml.py for how each tensor is encoded):
 
@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from convert import coreml, mil_exec, parity, verify
+from convert import coreml, parity, verify
 from convert.verify import FP32_MAX_ABS_ERROR, Tolerance
 from convert.weight_bound import bound_bytes
+from device_bench import mil_exec
 from edgesr.errors import CheckFailed
 from edgesr.manifest import sha256, size_bytes
 from edgesr.workload import Size, as_size

@@ -1,7 +1,7 @@
 """Which torch operators `convert` takes: the one allowlist, and the per-node conditions behind it.
 
 A model is checked as torch.export captures it (ATen operators, e.g. `aten.conv2d`). An operator is taken when
-litert-torch lowers it to TFLite builtins, coremltools converts it to MIL, and `convert.mil_exec` executes that
+litert-torch lowers it to TFLite builtins, coremltools converts it to MIL, and `device_bench.mil_exec` executes that
 MIL, each matching torch to float rounding; the padding, splitting and statistics operators real SR networks use
 were added after converting them both ways (tests/test_topology_convert.py converts one model per topology).
 Some are taken only with certain arguments (`_CONDITIONS`), where a converter was measured to fail or to differ:
@@ -30,7 +30,7 @@ from torch import fx, nn
 from edgesr.errors import BadInput, first_line
 
 # The one allowlist of operators a model may use, as torch.export (ATen) names: what litert-torch lowers to
-# TFLite builtins, coremltools converts to MIL, and convert.mil_exec executes (its MIL counterparts: conv, add,
+# TFLite builtins, coremltools converts to MIL, and device_bench.mil_exec executes (its MIL counterparts: conv, add,
 # sub, mul, real_div, pow, sqrt, rsqrt, relu, leaky_relu, prelu, clip, sigmoid, tanh, silu, elu, batch_norm,
 # concat, stack, split, reshape, transpose, expand_dims, squeeze, slice_by_index, pad, reduce_mean,
 # pixel_(un)shuffle, upsample_nearest_neighbor/bilinear). Conditions on arguments: `_CONDITIONS`.

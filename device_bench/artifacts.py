@@ -1,15 +1,18 @@
-"""The TFLite files a bench measures: resolved from the command line, checked against their convert manifests,
-described by the targets, and chosen for each target's workload (its tile sizes).
+"""The model files a bench measures (.tflite, and Core ML .mlpackage folders): resolved from the command line,
+checked against their convert manifests, described by the targets, and chosen for each target's workload (its
+tile sizes).
 
-A path is a bare .tflite, a convert manifest.json, a convert output folder (its manifest.json), or a folder that
-`convert --tile 128,256,...` wrote: one `tile-<size>/` subfolder per tile, each with its own manifest.
+A path is a bare .tflite or .mlpackage, a convert manifest.json, a convert output folder (its manifest.json), or
+a folder that `convert --tile 128,256,...` wrote: one `tile-<size>/` subfolder per tile, each with its own manifest.
 """
 
 from __future__ import annotations
 
 import gzip
+import io as _io
 import logging
 import re
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +25,12 @@ log = logging.getLogger("device_bench")
 
 DEFAULT_OVERLAP = 16  # LR pixels; covers the receptive-field radius of the small EDSR presets (edsr-tiny: ~12)
 TILE_FOLDER_GLOB = "tile-*"
+FORMATS = ("tflite", "coreml")
 
 
 @dataclass
 class Artifact:
-    """One TFLite file to bench and what its convert manifest (if any) says about it."""
+    """One model file (or .mlpackage folder) to bench and what its convert manifest (if any) says about it."""
 
     path: Path
     model: str
@@ -49,8 +53,18 @@ class Artifact:
         return size_bytes(self.path)
 
     def download_bytes(self) -> int:
-        """The file as an app store would ship it: gzip at level 9 (read in full; artifacts are model files)."""
-        return len(gzip.compress(self.path.read_bytes(), compresslevel=9, mtime=0))
+        """The file as an app store would ship it: gzip at level 9 (read in full; artifacts are model files). A
+        .mlpackage folder is a tar of its files (sorted, no owners or times) gzipped the same way."""
+        if not self.path.is_dir():
+            return len(gzip.compress(self.path.read_bytes(), compresslevel=9, mtime=0))
+        buf = _io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for f in sorted(p for p in self.path.rglob("*") if p.is_file()):
+                info = tarfile.TarInfo(str(f.relative_to(self.path)))
+                info.size = f.stat().st_size
+                with open(f, "rb") as fh:
+                    tar.addfile(info, fh)
+        return len(gzip.compress(buf.getvalue(), compresslevel=9, mtime=0))
 
 
 def _from_manifest(manifest_path: Path, overlap: int | None, skipped: list[str]) -> list[Artifact]:
@@ -73,15 +87,16 @@ def _from_manifest(manifest_path: Path, overlap: int | None, skipped: list[str])
         if not isinstance(entry, dict) or "file" not in entry:
             raise BadInput(f"{manifest_path}: each artifact needs a 'file', got {entry!r}")
         fmt = entry.get("format")
-        if fmt != "tflite":
-            note = "Core ML cannot run on Linux" if fmt == "coreml" else f"format {fmt!r} is not benchable here"
+        if fmt not in FORMATS:
+            note = f"format {fmt!r} is not benchable here"
             skipped.append(f"{entry['file']} ({m.get('model')}): skipped, {note}")
             log.info("skipping %s: %s", entry["file"], note)
             continue
         path = manifest_path.parent / entry["file"]
+        entry_io = entry.get("io") if isinstance(entry.get("io"), dict) else io  # Core ML files: NCHW, their own
         if not isinstance(entry.get("runtime_requirements", {}), dict):
             raise BadInput(f"{manifest_path}: {entry['file']}: 'runtime_requirements' must be an object")
-        if not path.is_file():
+        if not (path.is_dir() if fmt == "coreml" else path.is_file()):
             raise BadInput(f"{path}: listed in {manifest_path} but missing")
         if "sha256" in entry and entry["sha256"] != sha256(path):
             raise BadInput(f"{path}: sha256 differs from {manifest_path}; the file changed after conversion")
@@ -91,10 +106,11 @@ def _from_manifest(manifest_path: Path, overlap: int | None, skipped: list[str])
                 model=str(m.get("model") or path.stem),
                 encoding=str(entry.get("encoding", "unknown")),
                 precision=str(entry.get("precision", "unknown")),
+                format=fmt,
                 scale=m.get("scale"),
                 tile=[tile["height"], tile["width"]] if "height" in tile and "width" in tile else None,
                 overlap=overlap if overlap is not None else int(tile.get("overlap", DEFAULT_OVERLAP)),
-                io=io,
+                io=entry_io,
                 source=m.get("source") or {},
                 manifest=manifest_path,
                 runtime_requirements=dict(entry.get("runtime_requirements") or {}),
@@ -117,14 +133,17 @@ def _manifests_in(folder: Path) -> list[Path]:
 
 
 def resolve_artifacts(paths: tuple[Path, ...], overlap: int | None) -> tuple[list[Artifact], list[str]]:
-    """The .tflite artifacts behind the command-line paths, and notes on what was skipped."""
+    """The .tflite and .mlpackage artifacts behind the command-line paths, and notes on what was skipped."""
     artifacts: list[Artifact] = []
     skipped: list[str] = []
     for p in paths:
         p = Path(p)
         if p.suffix == ".mlpackage":
-            skipped.append(f"{p.name}: skipped, Core ML cannot run on Linux")
-            log.info("skipping %s: Core ML cannot run on Linux", p)
+            if not (p / "Manifest.json").is_file():
+                raise BadInput(f"{p}: not a .mlpackage (no Manifest.json)")
+            o = DEFAULT_OVERLAP if overlap is None else overlap
+            artifacts.append(Artifact(path=p, model=p.stem, format="coreml", overlap=o))
+            log.info("%s: bare .mlpackage, model name '%s', overlap %d LR px", p, p.stem, o)
         elif p.is_dir():
             for manifest in _manifests_in(p):
                 artifacts += _from_manifest(manifest, overlap, skipped)
@@ -138,7 +157,7 @@ def resolve_artifacts(paths: tuple[Path, ...], overlap: int | None) -> tuple[lis
         else:
             raise BadInput(f"{p}: not a .tflite file, a convert output folder or a convert manifest.json")
     if not artifacts:
-        raise BadInput("nothing to bench: no TFLite artifacts among " + ", ".join(str(p) for p in paths))
+        raise BadInput("nothing to bench: no TFLite or Core ML artifacts among " + ", ".join(str(p) for p in paths))
     bases = [re.sub(r"[^A-Za-z0-9._-]+", "_", f"{a.model}--{a.path.stem}") for a in artifacts]
     seen: dict[str, int] = {}
     for a, base in zip(artifacts, bases, strict=True):
@@ -165,7 +184,7 @@ def check_description(a: Artifact, desc: dict[str, Any], target: str) -> None:
 
 def apply_description(a: Artifact, desc: dict[str, Any]) -> None:
     a.tile, a.scale = list(desc["tile"]), int(desc["scale"])
-    if a.manifest is None:  # a bare file: its tensors say whether its weights are stored sparse
+    if a.manifest is None and a.format == "tflite":  # a bare file: its tensors say whether its weights are sparse
         a.encoding = "sparse" if desc.get("sparse_tensors") else "dense"
 
 

@@ -224,7 +224,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     outcomes = []
     for target in targets:
         sizes = workloads[target.name].tile_sizes()
-        candidates = [a for a in artifacts if sizes is None or a.tile is None or tuple(a.tile) in sizes]
+        runnable = [a for a in artifacts if a.format in target.formats]
+        for a in artifacts:
+            if a.format not in target.formats:
+                note = f"{a.path.name} ({a.model}) on {target.name}: skipped, this target runs no {a.format} files"
+                skipped.append(note)
+                log.info("%s", note)
+        candidates = [a for a in runnable if sizes is None or a.tile is None or tuple(a.tile) in sizes]
         todo = []
         for a in candidates:
             key = key_of(target, a)
@@ -348,7 +354,7 @@ def _measure(
     """One (target, artifact) job: write it, run it, score it, append it to results.jsonl; the report row."""
     target = o.target
     job_dir = cfg.out / "jobs" / target.name / a.key
-    write_job(job_dir, a, pairs, cfg, o.workload)
+    write_job(job_dir, a, pairs, cfg, o.workload, compute_units=target.compute_units)
     frame = format_size(o.workload.frame) if o.workload.frame else "the test images"
     log.info(
         "%s: running %s (frames: %s; tile %dx%d, overlap %d; %d test images)",

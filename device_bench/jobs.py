@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 
 
 def write_job(
-    job_dir: Path, a: Artifact, pairs: list[SRPair], cfg: BenchConfig, workload: Workload | None = None
+    job_dir: Path,
+    a: Artifact,
+    pairs: list[SRPair],
+    cfg: BenchConfig,
+    workload: Workload | None = None,
+    compute_units: str = "ALL",
 ) -> None:
     """A self-contained job folder: model, LR inputs (.npy float32 HxWx3 in [0, 1]), the workload's frame and
     job.json. With a frame size, the frame is made from the first test image (centre crop or mirrored out);
@@ -31,13 +36,17 @@ def write_job(
     if job_dir.exists():
         shutil.rmtree(job_dir)
     (job_dir / "inputs").mkdir(parents=True)
-    shutil.copyfile(a.path, job_dir / "model.tflite")
+    model = "model.mlpackage" if a.format == "coreml" else "model.tflite"
+    if a.format == "coreml":
+        shutil.copytree(a.path, job_dir / model)
+    else:
+        shutil.copyfile(a.path, job_dir / model)
     files = [f"inputs/{i:04d}.npy" for i in range(len(pairs))]  # the user's image names travel as data only
     for p, file in zip(pairs, files, strict=True):
         np.save(job_dir / file, to_float(p.lr))
     job = {
         "runner_version": 1,
-        "model": "model.tflite",
+        "model": model,
         "inputs": [{"name": p.name, "path": file} for p, file in zip(pairs, files, strict=True)],
         "out_dir": "out",
         "tile": a.tile,
@@ -50,6 +59,8 @@ def write_job(
         "runtime_requirements": a.runtime_requirements,
         "min_seconds": cfg.min_seconds,
     }
+    if a.format == "coreml":
+        job["compute_units"] = compute_units
     if workload is not None and workload.frame is not None:
         name = f"frame-{format_size(workload.frame)}"
         np.save(job_dir / "inputs" / "frame.npy", make_frame(to_float(pairs[0].lr), workload.frame))
@@ -111,6 +122,11 @@ def make_row(
         "sha256": a.sha256 or sha256(a.path),
         "target": target.name,
         "emulated": target.emulated,
+        # the runner's word on its own timings (Core ML's reference executor: not meaningful)
+        "timings_meaningful": bool(result.get("timings_meaningful", True)),
+        "timing_note": result.get("timing_note"),
+        "compute_units": result.get("compute_units"),
+        "os_version": result.get("os_version"),
         "size_bytes": a.size_bytes,
         "peak_rss_mb": result["peak_rss_mb"],
         "rss_after_import_mb": (memory.get("baseline") or {}).get("hwm_mb"),

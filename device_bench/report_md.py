@@ -111,6 +111,12 @@ def _environment_block(env: dict[str, Any], rows: list[dict[str, Any]]) -> list[
         f"- threads: {', '.join(threads) or '—'}",
         f"- delegate: {', '.join(delegates) or '—'}",
     ]
+    units = sorted({str(r["compute_units"]) for r in rows if r.get("compute_units")})
+    if units:
+        lines.append(f"- Core ML compute units: {', '.join(units)}")
+    os_versions = sorted({str(r["os_version"]) for r in rows if r.get("os_version")})
+    if os_versions:
+        lines.append(f"- OS (Core ML rows): {', '.join(os_versions)}")
     for key, label in _ENV_KEYS.items():
         if env.get(key) not in (None, ""):
             lines.append(f"- {label}: {_env_value(env[key])}")
@@ -127,7 +133,10 @@ def _phase(row: dict[str, Any], phase: str, field: str) -> float | None:
 
 
 def _name(r: dict[str, Any]) -> str:
-    return f"| {r['model']} | {r['artifact']} | {tile_text(r)} "
+    """A row's first cells; a row whose runner says its timings mean nothing (Core ML's reference executor) says
+    so next to its artifact, in every table."""
+    note = f" ({r['timing_note']})" if r.get("timing_note") else ""
+    return f"| {r['model']} | {r['artifact']}{note} | {tile_text(r)} "
 
 
 def _results_table(rows: list[dict[str, Any]], bicubic: float | None, emulated: bool) -> list[str]:
@@ -305,6 +314,13 @@ def _legend(report: dict[str, Any]) -> list[str]:
     ]
     if any(r.get("emulated") for r in rows) or any(e.get("emulated") for e in report.get("environment", {}).values()):
         lines.append(f"- **{EMULATED_NOTE}**: emulated targets prove correctness and plumbing, never speed.")
+    notes = sorted({r["timing_note"] for r in rows if r.get("timing_note")})
+    for note in notes:
+        lines.append(
+            f"- **{note}**: Core ML files run through edgesr's numpy MIL executor where Core ML cannot (Linux): "
+            "their outputs, PSNR and the whole push/run/pull path are real; their times and memory are numpy's, "
+            "not Core ML's. Run the target on a Mac (`compute_units` in the targets file) for Core ML's own figures."
+        )
     return lines
 
 

@@ -49,6 +49,7 @@ def measurement_key(
         "test_set": {"name": str(cfg.test_set), "sha256": test_set_sha},
         "runtime": str(getattr(target, "runtime", None) or cfg.runtime),
         "runtime_requirements": a.runtime_requirements,
+        **({"compute_units": target.compute_units} if a.format == "coreml" else {}),
     }
 
 

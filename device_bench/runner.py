@@ -1,4 +1,4 @@
-"""The on-device runner: one file, standard library + numpy + a TFLite interpreter, nothing from edgesr.
+"""The on-device runner: standard library + numpy + a TFLite interpreter (or coremltools), nothing from edgesr.
 
 Copy it to the device next to a job folder and run it with the device's Python:
 
@@ -50,6 +50,11 @@ Delegates: the runtime's default op resolver applies XNNPACK on CPU. A job with 
 {"xnnpack": false}` (from the convert manifest, for files XNNPACK cannot prepare) builds the interpreter with
 BUILTIN_WITHOUT_DEFAULT_DELEGATES instead. The result's `delegate` says which, and whether the runtime logged
 creating the XNNPACK delegate.
+
+Core ML: a job whose model is a .mlpackage runs through `coreml_engine.py` (copied next to this file with
+`mil_exec.py`): Core ML's MLModel at the job's "compute_units" on macOS ("coreml"), edgesr's numpy MIL executor
+elsewhere ("coreml-reference", whose result says `timings_meaningful: false`). Tiling, timing, memory phases and
+outputs are the same code as for TFLite; the result adds compute_units, os_version and the timing note.
 
 Exit status: 0 done; 2 the model or job is unusable ("invalid-model", "unsupported-model", "bad-job");
 3 no TFLite runtime found; 1 anything else. Errors are one line on stderr: `runner error [<kind>]: <message>`.
@@ -438,6 +443,7 @@ def read_job(path: Path) -> dict[str, Any]:
         "runtime": str(job.get("runtime", "auto")),
         "xnnpack": _xnnpack_allowed(job, path),
         "memory_phases": _memory_phases(job, path),
+        "compute_units": _compute_units(job, path),
     }
 
 
@@ -459,6 +465,13 @@ def _xnnpack_allowed(job: dict[str, Any], path: Path) -> bool:
     if not isinstance(req, dict) or not isinstance(req.get("xnnpack", True), bool):
         raise invalid("bad-job", f"{path}: 'runtime_requirements' must be an object like {{\"xnnpack\": false}}")
     return req.get("xnnpack", True)
+
+
+def _compute_units(job: dict[str, Any], path: Path) -> str:
+    units = job.get("compute_units", "ALL")
+    if units not in ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"):
+        raise invalid("bad-job", f"{path}: 'compute_units' must be CPU_ONLY, CPU_AND_GPU, CPU_AND_NE or ALL")
+    return units
 
 
 def _memory_phases(job: dict[str, Any], path: Path) -> str:
@@ -521,19 +534,26 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
     its memory figures (how "process per phase" measures each phase in a fresh process)."""
     t_start = time.perf_counter_ns()
     job = read_job(job_path)
-    runtime, interpreter_cls = load_runtime(runtime_choice or job["runtime"])
+    choice = runtime_choice or job["runtime"]
+    coreml = _coreml_engine() if job["model"].suffix == ".mlpackage" else None
+    if coreml is None:
+        runtime, interpreter_cls = load_runtime(choice)
     method = "process" if stop_after else choose_memory_method(job["memory_phases"])
     meter = PhaseMeter(reset=method == "clear_refs")
     meter.end("baseline")  # interpreter start + imports: the runner's own baseline
 
     meter.start()
     t0 = time.perf_counter_ns()
-    interp, delegate = open_model_logged(interpreter_cls, job["model"], job["threads"], job["xnnpack"])
+    if coreml is not None:
+        runtime, interp, delegate, io = _open_coreml(coreml, job["model"], choice, job["compute_units"])
+    else:
+        interp, delegate = open_model_logged(interpreter_cls, job["model"], job["threads"], job["xnnpack"])
     load_ms = _ms(t0)
     meter.end("load")
     if stop_after == "load":
         return meter.phases["load"]
-    io = model_io(interp, job["model"])
+    if coreml is None:
+        io = model_io(interp, job["model"])
     if job["tile"] is not None and list(job["tile"]) != io["tile"]:
         raise invalid("bad-job", f"job tile {job['tile']} but the model's input is {io['tile']}")
     if job["scale"] is not None and job["scale"] != io["scale"]:
@@ -613,12 +633,14 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
         "unit": "MiB",
         "hwm_scope": "phase" if method == "clear_refs" else "process start through the phase",
     }
+    extra = coreml.result_fields(runtime, job["compute_units"]) if coreml is not None else {}
     return {
         "runner_version": RUNNER_VERSION,
         "model": str(job["model"]),
-        "model_size_bytes": job["model"].stat().st_size,
+        "model_size_bytes": _size(job["model"]),
         "runtime": runtime,
         "delegate": delegate,
+        **extra,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -644,7 +666,32 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
     }
 
 
+def _coreml_engine() -> Any:
+    """coreml_engine (next to this file on a device, or device_bench's own), imported only for Core ML jobs."""
+    if __package__:
+        return importlib.import_module(f"{__package__}.coreml_engine")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return importlib.import_module("coreml_engine")
+
+
+def _open_coreml(engine: Any, model: Path, choice: str, compute_units: str) -> tuple[Any, ...]:
+    try:
+        return engine.open_coreml(model, choice, compute_units)
+    except engine.CoreMLError as exc:
+        code = EXIT_NO_RUNTIME if exc.kind == "no-runtime" else EXIT_INVALID
+        raise RunnerError(exc.kind, str(exc), code) from None
+
+
+def _size(path: Path) -> int:
+    """A file's size, or a folder's (a .mlpackage): the total of its files."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 def describe(model: Path, runtime_choice: str) -> dict[str, Any]:
+    if model.suffix == ".mlpackage":
+        return describe_coreml(model, runtime_choice)
     runtime, interpreter_cls = load_runtime(runtime_choice)
     # Shapes need no delegate; without XNNPACK a file it cannot prepare (runtime_requirements) still describes.
     has_resolver = hasattr(sys.modules[interpreter_cls.__module__], "OpResolverType")
@@ -669,6 +716,32 @@ def describe(model: Path, runtime_choice: str) -> dict[str, Any]:
     }
 
 
+def describe_coreml(model: Path, runtime_choice: str) -> dict[str, Any]:
+    """A .mlpackage's shapes from its program (no Core ML needed), and the runtime a job would get here."""
+    engine = _coreml_engine()
+    try:
+        _, io = engine.program_io(model)
+    except engine.CoreMLError as exc:
+        raise RunnerError(exc.kind, str(exc), EXIT_INVALID) from None
+    name = engine.choose_runtime(runtime_choice)
+    return {
+        "runner_version": RUNNER_VERSION,
+        "model": str(model),
+        "size_bytes": _size(model),
+        "sparse_tensors": None,
+        "inputs": io["inputs"],
+        "outputs": io["outputs"],
+        "layout": "NCHW",
+        "tile": io["tile"],
+        "scale": io["scale"],
+        "runtime": {"name": name, "version": engine._version("coremltools")},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -679,9 +752,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--job", type=Path, help="job.json (or the folder holding it) to run")
-    mode.add_argument("--describe", type=Path, metavar="MODEL", help="print a .tflite model's shapes as JSON")
+    mode.add_argument("--describe", type=Path, metavar="MODEL", help="print a model's shapes as JSON")
     mode.add_argument("--check-peak-reset", action="store_true", help=argparse.SUPPRESS)  # prints true or false
-    parser.add_argument("--runtime", default=None, choices=["auto", *RUNTIMES], help="interpreter (default auto)")
+    parser.add_argument(
+        "--runtime",
+        default=None,
+        choices=["auto", *RUNTIMES, "coreml", "coreml-reference"],
+        help="interpreter (default auto); a TFLite one leaves .mlpackage jobs to auto",
+    )
     parser.add_argument("--stop-after", choices=PHASES, help=argparse.SUPPRESS)  # one process per phase
     args = parser.parse_args(argv)
     if args.check_peak_reset:

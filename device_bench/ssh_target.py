@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from device_bench.target_config import EntryFields
-from device_bench.targets import RUNNER, Target, check_runner_exit
+from device_bench.targets import COMPUTE_UNITS, RUNNER_FILES, Target, check_runner_exit
 from edgesr.errors import BadInput, TargetFailed
 
 log = logging.getLogger("device_bench")
@@ -91,6 +91,8 @@ class SSHTarget(Target):
     server_alive_interval_s: int = 5
     server_alive_count_max: int = 3
     emulated: bool = False
+    compute_units: str = "ALL"
+    formats = ("tflite", "coreml")
 
     def __post_init__(self) -> None:
         if not self.host or self.host.startswith("-") or re.search(r"[\s'\"`;|&$]", self.host):
@@ -122,6 +124,7 @@ class SSHTarget(Target):
             server_alive_interval_s=f.integer("server_alive_interval_s", 5, minimum=1),
             server_alive_count_max=f.integer("server_alive_count_max", 3, minimum=1),
             emulated=f.flag("emulated", False),
+            compute_units=f.choice("compute_units", COMPUTE_UNITS, "ALL"),
         )
         f.check_unknown()
         return target
@@ -305,7 +308,7 @@ class SSHTarget(Target):
     def describe(self, model: Path) -> dict[str, Any]:
         model = Path(model)
         what = f"describe {model.name}"
-        remote = self._make_remote_dir({"runner.py": RUNNER, model.name: model}, {}, what)
+        remote = self._make_remote_dir({**RUNNER_FILES, model.name: model}, {}, what)  # tar takes a folder too
         try:
             script = f"cd {shlex.quote(remote)} || exit 92; " + self._runner_command(
                 "runner.py", ["--describe", model.name]
@@ -335,7 +338,7 @@ class SSHTarget(Target):
         log_path = job_dir / "runner.log"
         # The job folder without what a previous run left in it (its outputs and log).
         skip = {f"job/{Path(out_name).parts[0]}", "job/runner.log"}
-        remote = self._make_remote_dir({"runner.py": RUNNER}, {"job": job_dir}, what, skip)
+        remote = self._make_remote_dir(dict(RUNNER_FILES), {"job": job_dir}, what, skip)
         try:
             # The runner runs in the background so its pid is known (to kill it on a timeout); `wait` gives its
             # exit code, 128+N if a signal killed it.

@@ -141,6 +141,12 @@ class EntryFields:
         except BadInput as exc:
             raise self.error(key, str(exc).removeprefix("runtime ")) from None
 
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.text(key, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
     def check_unknown(self) -> None:
         unknown = sorted(set(map(str, self.entry)) - self.used)
         if unknown:

@@ -26,6 +26,9 @@ from edgesr.errors import BadInput, TargetFailed
 log = logging.getLogger("device_bench")
 
 RUNNER = Path(__file__).with_name("runner.py")
+# What a runner target copies to the device: the runner, and for Core ML jobs its engine and the MIL executor.
+RUNNER_FILES = {name: Path(__file__).with_name(name) for name in ("runner.py", "coreml_engine.py", "mil_exec.py")}
+COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICE_PYTHON_ENV = "EDGESR_DEVICE_PYTHON"
 # Runner error kinds that mean "the user's model is unusable" (exit 2) rather than "the target failed" (exit 3).
@@ -37,6 +40,8 @@ class Target(ABC):
 
     name: str
     emulated: bool  # True for emulators/VMs: their numbers prove correctness and plumbing, never speed
+    formats: tuple[str, ...] = ("tflite",)  # the artifact formats it can run; others are skipped with a note
+    compute_units: str = "ALL"  # Core ML jobs: MLModel's compute units (targets that run Core ML set it)
 
     @abstractmethod
     def describe(self, model: Path) -> dict[str, Any]:
@@ -75,6 +80,8 @@ class LocalTarget(Target):
     runtime: str = "auto"
     name: str = "local"
     emulated: bool = False
+    compute_units: str = "ALL"
+    formats = ("tflite", "coreml")
 
     @classmethod
     def from_config(cls, name: str, entry: dict[str, Any], base_dir: Path) -> LocalTarget:
@@ -87,6 +94,7 @@ class LocalTarget(Target):
             runtime=f.runtime(),
             name=name,
             emulated=f.flag("emulated", False),
+            compute_units=f.choice("compute_units", COMPUTE_UNITS, "ALL"),
         )
         f.check_unknown()
         return target
@@ -139,6 +147,7 @@ class LocalTarget(Target):
             "device_python": str(self.device_python),
             "host": platform.node(),
             "runtime_choice": self.runtime,
+            "compute_units": self.compute_units,
             "timeout_s": self.timeout_s,
         }
 

@@ -22,11 +22,12 @@ from compress.models import create_model
 from compress.pruning.methods.magnitude import prune_once
 from compress.receptive_field import receptive_field_radius
 from conftest import run_module
-from convert import coreml, mil_exec
+from convert import coreml
 from convert.cli import main
 from convert.pipeline import PRECISIONS, WEIGHT_KEYS, convert_checkpoint, parse_formats, parse_precisions
 from convert.tflite import tflite_op_counts
 from convert.verify import Tolerance, check
+from device_bench import mil_exec
 from edgesr.errors import BadInput, CheckFailed, run_cli
 from edgesr.manifest import read_json, sha256, size_bytes
 

@@ -17,10 +17,11 @@ from torch import nn
 from compress.checkpoint import load_checkpoint
 from compress.pruning.methods.magnitude import prune_once
 from conftest import REPO
-from convert import coreml, coreml_artifacts, mil_exec, parity
+from convert import coreml, coreml_artifacts, parity
 from convert.coreml_artifacts import COREML_PRECISIONS, TOLERANCES
 from convert.verify import Tolerance
 from convert.weight_bound import bound_bytes
+from device_bench import mil_exec
 from edgesr.datasets import load_test_set
 from edgesr.errors import CheckFailed
 from edgesr.images import quantize_uint8

@@ -1,4 +1,4 @@
-"""convert.mil_exec: the numpy executor runs real saved .mlpackages and matches torch.
+"""device_bench.mil_exec: the numpy executor runs real saved .mlpackages and matches torch.
 
 Models: the shipped edsr-tiny x2 checkpoint pruned in memory to 80 %, edsr-tiny x4 (random init, 50 %), rdn-tiny x2
 (random init, 80 %; concats) and a user-style module (conv, ReLU, PixelShuffle) like a `module:factory` model.
@@ -17,8 +17,9 @@ from compress.checkpoint import load_checkpoint
 from compress.models import create_model
 from compress.pruning.methods.magnitude import prune_once
 from conftest import REPO
-from convert import coreml, mil_exec
+from convert import coreml
 from convert.coreml_artifacts import torch_with_weights
+from device_bench import mil_exec
 from edgesr.errors import BadInput
 
 TILE = 16

@@ -22,8 +22,9 @@ from compress.intake import ExportedModule, ModelSpec, check_sr_model, load_mode
 from compress.models import create_model
 from compress.models.edsr import EDSR, EDSRConfig
 from conftest import run_module
-from convert import coreml, mil_exec
+from convert import coreml
 from convert.ops import SUPPORTED_OPS, check_supported_ops, export_program, op_counts
+from device_bench import mil_exec
 from edgesr.errors import BadInput
 from edgesr.manifest import read_json, sha256
 

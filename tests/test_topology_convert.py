@@ -26,9 +26,10 @@ from torch import nn
 
 import topology_models
 from conftest import REPO, run_module
-from convert import coreml, mil_exec, parity, verify
+from convert import coreml, parity, verify
 from convert.sparse_tflite import conv_filter_stats, sparsify_tflite
 from convert.tflite import tflite_bytes, tflite_op_counts
+from device_bench import mil_exec
 from edgesr.manifest import read_json
 
 TILE = 32

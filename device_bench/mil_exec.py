@@ -1,5 +1,9 @@
 """A reference executor for Core ML ML Programs: run a saved .mlpackage with numpy, on any OS.
 
+Device side (numpy and coremltools' program loader only, never torch): convert verifies its Core ML files with
+it, and the bench runner, which is copied to a device with this file next to it, runs Core ML jobs with it where
+Core ML itself cannot run (Linux): the "coreml-reference" runtime, whose timings mean nothing.
+
 Core ML's own `predict` needs macOS. This module reads the program of a saved .mlpackage back with coremltools'
 milproto loader (`load_program`), decodes every compressed weight itself from the stored parts (bit masks,
 non-zero values, LUT indices, int8 data and scales: `materialize`) and then runs the ops SR networks produce
@@ -24,7 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from edgesr.errors import BadInput
+try:  # within edgesr a program it cannot run is the user's bad input (exit 2); next to the runner on a device,
+    from edgesr.errors import BadInput  # where edgesr is not installed, a plain error of its own
+except ImportError:  # pragma: no cover - exercised by the runner on a device without edgesr
+
+    class BadInput(ValueError):  # type: ignore[no-redef]
+        """A program this executor cannot read or run."""
+
 
 log = logging.getLogger(__name__)
 
