@@ -111,7 +111,10 @@ class CoreMLInterpreter:
         self._x = np.ascontiguousarray(value.transpose(0, 3, 1, 2), dtype=np.float32)
 
     def invoke(self) -> None:
-        self._y = np.asarray(self._predict({self._in: self._x})[self._out], dtype=np.float32)
+        try:
+            self._y = np.asarray(self._predict({self._in: self._x})[self._out], dtype=np.float32)
+        except mil_exec.BadInput as exc:  # an op the reference executor does not run: the model's problem, exit 2
+            raise CoreMLError("unsupported-model", str(exc)) from None
 
     def get_tensor(self, index: int) -> np.ndarray:
         return np.ascontiguousarray(self._y.transpose(0, 2, 3, 1))

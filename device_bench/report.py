@@ -116,13 +116,20 @@ def point(row: dict[str, Any], plot: str) -> Point | None:
 
 def mark_pareto(rows: list[dict[str, Any]]) -> None:
     """row["pareto"][plot] = whether the row is on its target's front of Y-PSNR vs that plot's cost, among the
-    rows of the same workload (same frame and tile count are not required: the workload is the frame)."""
+    rows of the same workload (same frame and tile count are not required: the workload is the frame). Rows whose
+    runner says its timings mean nothing (Core ML's reference executor) are on no latency or memory front."""
     for row in rows:
         row["pareto"] = {}
     for plot in PLOTS:
         spread = MEMORY_SPREAD_MB if plot == "psnr_vs_peak_rss" else 0.0
         for target in dict.fromkeys(r["target"] for r in rows):
-            group = [r for r in rows if r["target"] == target and point(r, plot) is not None]
+            group = [
+                r
+                for r in rows
+                if r["target"] == target
+                and point(r, plot) is not None
+                and (plot == "psnr_vs_size" or r.get("timings_meaningful", True))
+            ]
             front = pareto_front([point(r, plot) for r in group], x_spread=spread)
             for r, on in zip(group, front, strict=True):
                 r["pareto"][plot] = on

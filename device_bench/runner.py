@@ -53,8 +53,9 @@ creating the XNNPACK delegate.
 
 Core ML: a job whose model is a .mlpackage runs through `coreml_engine.py` (copied next to this file with
 `mil_exec.py`): Core ML's MLModel at the job's "compute_units" on macOS ("coreml"), edgesr's numpy MIL executor
-elsewhere ("coreml-reference", whose result says `timings_meaningful: false`). Tiling, timing, memory phases and
-outputs are the same code as for TFLite; the result adds compute_units, os_version and the timing note.
+elsewhere ("coreml-reference", whose result says `timings_meaningful: false`; it makes one timed tile invoke and
+one timed frame whatever the job asks: more runs of numpy would mean nothing more). Tiling, timing, memory phases
+and outputs are the same code as for TFLite; the result adds compute_units, os_version and the timing note.
 
 Exit status: 0 done; 2 the model or job is unusable ("invalid-model", "unsupported-model", "bad-job");
 3 no TFLite runtime found; 1 anything else. Errors are one line on stderr: `runner error [<kind>]: <message>`.
@@ -554,6 +555,8 @@ def run_job(job_path: Path, runtime_choice: str | None = None, stop_after: str |
         return meter.phases["load"]
     if coreml is None:
         io = model_io(interp, job["model"])
+    elif runtime["name"] == "coreml-reference":  # its timings mean nothing: time one tile and one frame, no more
+        job.update(warmup=0, runs=1, min_seconds=0.0)
     if job["tile"] is not None and list(job["tile"]) != io["tile"]:
         raise invalid("bad-job", f"job tile {job['tile']} but the model's input is {io['tile']}")
     if job["scale"] is not None and job["scale"] != io["scale"]:
@@ -785,6 +788,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runner error [{exc.kind}]: {_one_line(exc)}", file=sys.stderr)
         return exc.code
     except Exception as exc:  # anything the runtime raises: one line, no traceback, non-zero
+        kind = getattr(exc, "kind", None)  # the Core ML engine's own errors name their kind
+        if kind in ("invalid-model", "unsupported-model"):
+            print(f"runner error [{kind}]: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_INVALID
         print(f"runner error [failed]: {exc.__class__.__name__}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
 

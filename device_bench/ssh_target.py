@@ -431,6 +431,7 @@ class SSHTarget(Target):
             "user": self.user,
             "device_python": self.python,
             "runtime_choice": self.runtime,
+            "compute_units": self.compute_units,
             "env": dict(self.env),
             "timeout_s": self.timeout_s,
         }

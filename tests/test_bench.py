@@ -48,7 +48,7 @@ def report_files(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, tiny_tflite: tuple[Path, object]) -> dict:
-    """A convert-style folder (manifest + dense.tflite + a Core ML entry) and a 2-photo test folder."""
+    """A convert-style folder (manifest + dense.tflite + an entry in a format no target runs), 2 test photos."""
     import torch
 
     root = tmp_path_factory.mktemp("bench")
@@ -92,7 +92,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_tflite: tuple[Path, objec
                 "size_bytes": tflite.stat().st_size,
                 "sha256": sha256(tflite),
             },
-            {"file": "dense.mlpackage", "format": "coreml", "encoding": "dense", "precision": "fp16"},
+            {"file": "dense.onnx", "format": "onnx", "encoding": "dense", "precision": "fp32"},  # no bench for it
         ],
         "versions": {},
     }
@@ -179,7 +179,7 @@ def test_report_md_has_table_legend_skips_and_plot(failed_run: tuple) -> None:
         assert phrase in md, phrase
     assert "ai_edge_litert 2.3.0" in md and "BT.601" in md and "border = scale" in md and "LR: pillow-bicubic" in md
     assert "DENSIFY" in md and "file size only" in md
-    assert "dense.mlpackage" in md and "Core ML cannot run on Linux" in md
+    assert "dense.onnx" in md and "format 'onnx' is not benchable here" in md
     report = json.loads((out / "report.json").read_text())
     assert report["test_set"]["lr"] == {"2": "pillow-bicubic"} and report["settings"]["degradation"] == "pillow"
     assert report["plots"] == {

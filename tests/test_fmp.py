@@ -500,6 +500,25 @@ def test_channel_cost_matches_model_stats_on_rdn():
     assert isinstance(cost, ChannelCost) and cost.params(kept) <= 0.4 * cost.original["params"]
 
 
+def test_group_prox_asks_each_channel_to_keep_up_with_its_own_groups_median(tmp_path, photos):
+    """--channel-prox group: after the calibration each group's z gradients are scaled so that its median mean
+    |dL/dz| equals lambda_C (the global prox then treats every group alike); a resumed search gets the same scales."""
+    config = FMPConfig(params=0.5, weight_sparsity=0.3, check_every=4, channel_prox="group")
+    model = tiny("edsr")
+    search = FMPSearch(model, config, total_steps=40, scale=2)
+    train(model, sampler(photos), train_cfg(6, lr=LR, save_every=6), tmp_path / "a", pruner=search)
+    assert search.lambda_c > 0
+    medians = {g: float((search.z_grad_sum[g] / search.z_grad_steps).median()) for g in search.searched}
+    for g in search.searched:
+        assert search.grad_scale[g] * medians[g] == pytest.approx(search.lambda_c, rel=1e-6)
+    assert len({round(v, 6) for v in search.grad_scale.values()}) > 1  # the groups' gradients differ in scale
+    again = FMPSearch(tiny("edsr"), config, total_steps=40, scale=2)
+    again.load_state_dict(search.state_dict())
+    assert again.grad_scale == search.grad_scale
+    with pytest.raises(ValueError, match="group needs --lambda-channel 0"):
+        FMPConfig(params=0.5, weight_sparsity=0.3, lambda_channel=1.0, channel_prox="group")
+
+
 def test_resume_reproduces_vectors_indicators_and_trace(tmp_path, photos):
     fast = {**FAST, "lambda_channel": 30.0, "lambda_weight": 5e-2, "check_every": 2}
     config = FMPConfig(params=0.5, weight_sparsity=0.3, **fast)

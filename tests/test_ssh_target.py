@@ -16,35 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from local_sshd import LocalSSHD, free_port, keygen, start_sshd
+from local_sshd import LocalSSHD, free_port, keygen
+from ssh_targets import targets_file
 
 from conftest import find_device_python, run_module
 from device_bench.ssh_target import SSHTarget
 from device_bench.targets import LocalTarget, make_targets
-from edgesr.datasets import builtin_hr_images, load_test_set
+from edgesr.datasets import load_test_set
 from edgesr.errors import BadInput, TargetFailed
-from edgesr.images import quantize_uint8, save_png, to_float
+from edgesr.images import quantize_uint8, to_float
 from edgesr.metrics import sr_scores
 
 OVERLAP = 14
 QUOTED = "my \"model\"; v1 $(touch pwned) 'x'.tflite"
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> LocalSSHD:
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two real photo crops (LR 100x130 and 80x70 at x2: 2x3 and 2x2 tiles of 64)."""
-    folder = tmp_path_factory.mktemp("photos")
-    hr = dict(builtin_hr_images("sporco"))
-    save_png(folder / "monarch.png", hr["monarch"][80:280, 120:380])
-    save_png(folder / "kodim23.png", hr["kodim23"][40:200, 300:440])
-    return folder
 
 
 def make_job(
@@ -92,23 +76,6 @@ def ssh_target(sshd: LocalSSHD, **overrides: object) -> SSHTarget:
     )
     settings.update(overrides)
     return SSHTarget(**settings)
-
-
-def targets_file(folder: Path, sshd: LocalSSHD, **entry: object) -> Path:
-    base = {
-        "type": "ssh",
-        "host": "127.0.0.1",
-        "port": sshd.port,
-        "user": sshd.user,
-        "identity": str(sshd.client_key),
-        "known_hosts": str(sshd.known_hosts),
-        "python": find_device_python(),
-        "connect_timeout_s": 5,
-    }
-    base.update(entry)
-    path = folder / "targets.yaml"
-    path.write_text(json.dumps({"targets": {"box": base}}))  # JSON is YAML
-    return path
 
 
 def outputs(job_dir: Path, out_dir: str = "out") -> dict[str, np.ndarray]:
