@@ -12,6 +12,7 @@ WEIGHTS_FROM = ("channel-lock", "start")
 WEIGHT_SCORES = ("mean-u-abs-w", "u")
 CHANNEL_INITS = ("auto", "ones", "l1")
 FINETUNE_FROM = ("search", "checkpoint")
+CHANNEL_PROX = ("global", "group")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,14 @@ class ChannelOnlyConfig(ChannelBudget):
         "init pretrained; init scratch draws z itself (DHP)",
         choices=CHANNEL_INITS,
     )
+    channel_prox: str = option(
+        "global",
+        "what a channel's gradient must keep up with to survive the prox: the median over all searched channels "
+        "(global, DHP), or over its own group's (group: every group's z gradients divided by their median over "
+        "the calibration, so a residual stream, which collects every block's gradient, is not favoured for that; "
+        "needs --lambda-channel 0)",
+        choices=CHANNEL_PROX,
+    )
     layers: str = option("auto", "layers that get hypernetworks: auto (every conv in a prunable group) or globs")
     finetune_from: str = option(
         "checkpoint",
@@ -58,6 +67,10 @@ class ChannelOnlyConfig(ChannelBudget):
         require(self.init in INITS, "init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         require(self.channel_init in CHANNEL_INITS, "channel_init", f"must be one of {', '.join(CHANNEL_INITS)}")
         require(self.channel_init != "l1" or self.init == "pretrained", "channel_init", "l1 needs --init pretrained")
+        require(self.channel_prox in CHANNEL_PROX, "channel_prox", f"must be one of {', '.join(CHANNEL_PROX)}")
+        require(
+            self.channel_prox == "global" or self.lambda_channel == 0, "channel_prox", "group needs --lambda-channel 0"
+        )
         require(self.finetune_from in FINETUNE_FROM, "finetune_from", f"must be one of {', '.join(FINETUNE_FROM)}")
 
     @property

@@ -66,6 +66,7 @@ class FMPSearch(Pruner):
         self.z_lr = config.channel_lr
         self.z_grad_sum = {g: torch.zeros_like(self.vectors.vector(g)) for g in self.searched}
         self.z_grad_steps = 0
+        self.grad_scale = {g: 1.0 for g in self.searched}  # channel_prox group: 1 / the group's median |dL/dz|
         self.z_max = {g: max(1.0, float(self.vectors.vector(g).detach().abs().max())) for g in self.searched}
         us = [g.U for g in self.hyper.values() if g.U is not None]
         self.u_opt = torch.optim.SGD(us, lr=1.0) if us else None  # lr set when the indicators start
@@ -220,7 +221,17 @@ class FMPSearch(Pruner):
             self.lambda_c = max(float(mean_abs.median()), 1e-12)
         if self.z_lr <= 0:
             self.z_lr = 2.0 / (self.lambda_c * self.budget_steps)
+        self._set_grad_scale()
         log.info("FMP: lambda_C %.3g, channel lr %.3g", self.lambda_c, self.z_lr)
+
+    def _set_grad_scale(self) -> None:
+        """channel_prox group: each group's z gradients are scaled by lambda_C / that group's median mean |dL/dz|
+        over the calibration, so the prox asks every channel to keep up with its own group's median."""
+        if self.config.channel_prox != "group" or self.z_grad_steps == 0:
+            return
+        for g in self.searched:
+            median = float((self.z_grad_sum[g] / self.z_grad_steps).median())
+            self.grad_scale[g] = self.lambda_c / max(median, 1e-12)
 
     @torch.no_grad()
     def _channel_step(self, step: int) -> None:
@@ -236,6 +247,10 @@ class FMPSearch(Pruner):
             self._calibrate()
         for group in self.z_opt.param_groups:
             group["lr"] = self.z_lr
+        for g in self.searched:
+            grad = self.vectors.vector(g).grad
+            if grad is not None and self.grad_scale[g] != 1.0:
+                grad.mul_(self.grad_scale[g])
         self.z_opt.step()
         for g in self.searched:  # z scales channels: never beyond its starting scale (1 for "pretrained")
             z = self.vectors.vector(g)
@@ -410,6 +425,8 @@ class FMPSearch(Pruner):
         self.lambda_c, self.z_lr = float(state["lambda_c"]), float(state["z_lr"])
         self.z_grad_sum = {int(g): v.to(self.vectors.vector(int(g)).device) for g, v in state["z_grad_sum"].items()}
         self.z_grad_steps = int(state["z_grad_steps"])
+        if self.lambda_c > 0:
+            self._set_grad_scale()
         self.z_max = {int(g): float(v) for g, v in state["z_max"].items()}
         if self.u_opt is not None:
             self.u_opt.load_state_dict(state["u_opt"])
