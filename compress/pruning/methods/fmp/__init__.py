@@ -87,6 +87,11 @@ Our choices where the paper is silent (or only its reviews describe it):
   34.004, 0.05 with checks every 10 steps: 33.999). `--finetune-from search --channel-init ones --search-fraction
   0.5` is the earlier behaviour; `rewind` only matters with `--finetune-from search`. The same ablation kept the
   search at 1/m of the lr (the full lr: 33.972) and the mean-U x |W| weight score (U alone: 33.818).
+* Where FMP still loses to channel-l1 (0.03 dB at 1000 steps): its channel choice. The search alone at 50 % of the
+  parameters scores 33.725 against L1's 34.038 (it defends the residual stream, whose z collects every block's
+  gradient); the search's share of the steps costs 0.005 dB, closing the weight mask gradually (`weight_ramp`)
+  0, HR-only training loses. `channel_prox="group"` (each group against its own median gradient) lifts the search
+  alone to 33.878 but FMP falls to 33.888, so it stays an option.
 * Init "pretrained" (the default: users start from a dense checkpoint, although FMP reportedly trains from scratch):
   z = 1 (or the L1 start above), biases 0, w1 ~ U(-sqrt3, sqrt3) and W2_ij = W_ij w1_ij^T / |w1_ij|^2. The generated
   kernel is then exactly the checkpoint's, and W_ij = (z_in_i z_out_j + B0_ij) W_ij stays linear in z, so shrinking
