@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_bench.coreml_engine import COMPUTE_UNITS  # noqa: F401 (the targets file's choices)
 from device_bench.runner import EXIT_INVALID
 from device_bench.target_config import EntryFields, load_targets_file
 from edgesr.errors import BadInput, TargetFailed
@@ -28,7 +29,6 @@ log = logging.getLogger("device_bench")
 RUNNER = Path(__file__).with_name("runner.py")
 # What a runner target copies to the device: the runner, and for Core ML jobs its engine and the MIL executor.
 RUNNER_FILES = {name: Path(__file__).with_name(name) for name in ("runner.py", "coreml_engine.py", "mil_exec.py")}
-COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICE_PYTHON_ENV = "EDGESR_DEVICE_PYTHON"
 # Runner error kinds that mean "the user's model is unusable" (exit 2) rather than "the target failed" (exit 3).
