@@ -34,6 +34,7 @@ from typing import Any
 
 from device_bench import budgets as budgets_mod
 from device_bench import report as report_mod
+from device_bench import xcode_report
 from device_bench.artifacts import Artifact, apply_description, check_description, for_workload, resolve_artifacts
 from device_bench.jobs import environment, make_row, save_images, score_outputs, write_job
 from device_bench.results import RESULTS_NAME, ResultsLog, key_id, measurement_key, test_set_fingerprint
@@ -313,6 +314,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         if o.failure is not None:
             failed_targets.append({"target": o.target.name, "reason": o.failure, "not_run": o.not_run})
             environment.setdefault(o.target.name, _safe_info(o.target))
+    imported, imported_env = xcode_report.imported_rows(prior, {a.sha256 for a in artifacts})
+    for row in imported:  # Xcode reports imported into this folder stay in its report
+        row["budgets"] = budgets_mod.check(budgets, row["target"], row)
+        row["pass"] = all(v["pass"] for v in row["budgets"].values())
+        rows.append(row)
+    for name, env in imported_env.items():
+        environment.setdefault(name, env)
     test_set = {
         "name": str(cfg.test_set),
         "images": {str(s): [p.name for p in pairs] for s, pairs in pairs_by_scale.items()},

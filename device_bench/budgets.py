@@ -5,10 +5,12 @@
   targets:
     local: {max_frame_ms: 150}
     pi: {workload: {tile: 96}, max_frame_ms: 2000}
+    iphone: {max_frame_ms: null, max_frame_ms_median: 50, max_peak_mb: null, min_psnr_db: null}
 
-A target's limits are the defaults updated by its own entry; its workload is the top-level one updated by its
-own `workload`. No budgets file means no limits (everything passes) and the default workload (the test images as
-they are, each artifact at the tile it was converted for).
+A target's limits are the defaults updated by its own entry (`null` takes a default away from that target: a
+figure its source never measures, such as memory in Xcode's performance report); its workload is the top-level
+one updated by its own `workload`. No budgets file means no limits (everything passes) and the default workload
+(the test images as they are, each artifact at the tile it was converted for).
 """
 
 from __future__ import annotations
@@ -52,13 +54,32 @@ WORKLOAD_KEYS = ("frame", "tile")
 @dataclass(frozen=True)
 class Budgets:
     defaults: dict[str, float] = field(default_factory=dict)
-    targets: dict[str, dict[str, float]] = field(default_factory=dict)
+    targets: dict[str, dict[str, float | None]] = field(default_factory=dict)
     source: str | None = None
     workload: dict[str, Any] = field(default_factory=dict)  # {"frame": (h, w), "tiles": (...)}, either optional
     target_workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def for_target(self, target: str) -> dict[str, float]:
-        return {**self.defaults, **self.targets.get(target, {})}
+        merged = {**self.defaults, **self.targets.get(target, {})}
+        return {k: v for k, v in merged.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Budgets:
+        """The budgets a report recorded (`to_dict`), to check rows added to it later."""
+
+        def wl(w: dict[str, Any] | None, where: str) -> dict[str, Any]:
+            text = {k: v for k, v in (w or {}).items() if v is not None}
+            return _workload(
+                {"frame": text.get("frame"), "tile": text.get("tiles")}, where, Path(d.get("source") or "report")
+            )
+
+        return cls(
+            defaults=dict(d.get("defaults") or {}),
+            targets={t: dict(v) for t, v in (d.get("targets") or {}).items()},
+            source=d.get("source"),
+            workload=wl(d.get("workload"), "workload"),
+            target_workloads={t: wl(w, f"targets.{t}.workload") for t, w in (d.get("target_workloads") or {}).items()},
+        )
 
     def workload_for(self, target: str, frame: str | None = None, tiles: str | None = None) -> Workload:
         """The target's workload: --frame / --tile (given as text) over its own entry over the top-level one."""
@@ -102,7 +123,7 @@ def _workload(obj: Any, where: str, path: Path) -> dict[str, Any]:
     return out
 
 
-def _limits(obj: Any, where: str, path: Path, allow_workload: bool = False) -> dict[str, float]:
+def _limits(obj: Any, where: str, path: Path, allow_workload: bool = False) -> dict[str, float | None]:
     if obj is None:
         return {}
     if not isinstance(obj, dict):
@@ -115,6 +136,9 @@ def _limits(obj: Any, where: str, path: Path, allow_workload: bool = False) -> d
             raise BadInput(f"{path}: {where}.{key} is now {RENAMED[key]}")
         if key not in BUDGETS:
             raise BadInput(f"{path}: unknown budget key '{key}' in {where}; valid keys: {', '.join(BUDGETS)}")
+        if value is None and allow_workload:  # a target's null: this default does not apply to it
+            limits[key] = None
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise BadInput(f"{path}: {where}.{key} must be a number, got {value!r}")
         if value < 0:

@@ -1,4 +1,4 @@
-"""`python -m device_bench`: measure TFLite artifacts on devices and check them against budgets.
+"""`python -m device_bench`: measure TFLite and Core ML artifacts on devices and check them against budgets.
 
   python -m device_bench bench runs/convert --out runs/bench --budgets device_bench/budgets.example.yaml
   python -m device_bench bench model.tflite --out runs/bench --overlap 14 --test-set path/to/hr_images
@@ -6,10 +6,13 @@
   python -m device_bench bench runs/sweep --frame 960x540 --tile 128,256,frame --out runs/sweep-bench
   python -m device_bench report runs/bench                      # re-render report.md + plot from report.json
   python -m device_bench report runs/bench --budgets other.yaml # re-check the measured rows against new budgets
+  python -m device_bench import-xcode iphone15.yaml --out runs/bench  # add an iPhone's Xcode performance report
 
 ARTIFACT is a convert output folder (its manifest.json lists the artifacts, or one tile-*/ subfolder per tile
-from `convert --tile 128,256,...`), a convert manifest.json, or a bare .tflite file (scale and tile are read
-from the model's shapes; the model name is the file stem). Core ML artifacts are skipped: they cannot run on Linux.
+from `convert --tile 128,256,...`), a convert manifest.json, or a bare .tflite file or .mlpackage folder (scale
+and tile are read from the model's shapes; the model name is the file stem). Core ML files run through
+coremltools' MLModel on macOS and through edgesr's reference executor elsewhere (its timings are marked as not
+meaningful); adb targets skip them. An iPhone is measured with Xcode; `import-xcode` adds its figures.
 
 The workload: --frame WxH is the LR frame an app feeds the model (default: the test images as they are); --tile
 picks the artifacts converted for those tile sides (a list is a tile sweep; `frame`: the model takes the whole
@@ -45,6 +48,7 @@ from device_bench.report import render
 from device_bench.results import RESULTS_NAME
 from device_bench.runner import RUNTIMES
 from device_bench.targets import DEVICE_PYTHON_ENV, TARGET_KINDS
+from device_bench.xcode_report import import_reports
 from edgesr.errors import ArgumentParser, finite_float, one_line, run_cli
 from edgesr.images import DEGRADATION_INFO, DEGRADATIONS
 from edgesr.manifest import exclusive_output
@@ -56,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m device_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,report,import-xcode}")
     b = sub.add_parser(
         "bench",
         help="run artifacts on targets, score them, check budgets, write the report",
@@ -137,11 +141,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("folder", type=Path, help="a bench --out folder holding report.json")
     r.add_argument("--budgets", type=Path, help="re-check the recorded rows against this budgets YAML")
+    x = sub.add_parser(
+        "import-xcode",
+        help="add the figures of Xcode's Core ML performance report (an iPhone's) to a bench report",
+        description="Add Xcode performance reports to the bench report in --out: each REPORT is a YAML file with "
+        "the figures Xcode's report shows (model, device, os, compute_units, load_ms, prediction_ms; optional "
+        "compile_ms, xcode, ops, target; see the README). The .mlpackage must be one the bench measured in --out. "
+        "Rows get the tile latency (median prediction), a derived frame latency (tiles x median) and fps, and no "
+        "memory or PSNR; they are checked against --budgets, else the budgets the report recorded. Exit codes: "
+        "0 all budgets pass; 1 a budget fails; 2 bad usage or input; 3 a target failed in the recorded run.",
+    )
+    x.add_argument("reports", nargs="+", type=Path, metavar="REPORT", help="Xcode report YAML file(s)")
+    x.add_argument("--out", type=Path, required=True, help="a bench --out folder holding report.json")
+    x.add_argument("--budgets", type=Path, help="check every row against this budgets YAML (default: the recorded)")
+    x.add_argument(
+        "--frame",
+        metavar="WxH",
+        help="LR frame for the derived frame latency (default: the one the file was benched at)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "import-xcode":
+        with exclusive_output(args.out, "device_bench import-xcode", resumable=(RESULTS_NAME,)):
+            report = import_reports(list(args.reports), args.out, args.budgets, args.frame)
+        log.info("wrote %s (%s)", args.out / "report.md", "PASS" if report["passed"] else "FAIL")
+        return report["exit_code"]
     if args.command == "report":
         with exclusive_output(args.folder, "device_bench report"):
             report = render(args.folder, args.budgets)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,20 @@ class CoreMLInterpreter:
         return np.ascontiguousarray(self._y.transpose(0, 2, 3, 1))
 
 
+def mlmodel_predict(model: Path, compute_units: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The only code that needs macOS: Core ML's own MLModel (it compiles and loads the package) and its predict.
+    Never run by this project's tests (no Mac); everything around it is shared with coreml-reference."""
+    if sys.platform != "darwin":  # coremltools builds an MLModel anywhere, but only macOS can predict with it
+        raise CoreMLError("no-runtime", f"Core ML cannot load {model.name} here: MLModel runs on macOS only")
+    try:
+        import coremltools as ct
+
+        mlmodel = ct.models.MLModel(str(model), compute_units=getattr(ct.ComputeUnit, compute_units))
+    except Exception as exc:  # no compiled framework here (not macOS), or Core ML refused the package
+        raise CoreMLError("no-runtime", f"Core ML cannot load {model.name} here: {exc}") from None
+    return mlmodel.predict
+
+
 def open_coreml(model: Path, choice: str, compute_units: str) -> tuple[dict[str, Any], Any, dict[str, Any], dict]:
     """(runtime record, interpreter, delegate record, io) for a .mlpackage: what the caller times as the load
     (reading the program; for coreml, also MLModel's construction and compile)."""
@@ -130,13 +145,7 @@ def open_coreml(model: Path, choice: str, compute_units: str) -> tuple[dict[str,
     name_in, name_out = io["inputs"][0]["name"], io["outputs"][0]["name"]
     version = _version("coremltools")
     if runtime_name == "coreml":
-        try:
-            import coremltools as ct
-
-            mlmodel = ct.models.MLModel(str(model), compute_units=getattr(ct.ComputeUnit, compute_units))
-        except Exception as exc:  # no compiled framework here (not macOS), or Core ML refused the package
-            raise CoreMLError("no-runtime", f"Core ML cannot load {model.name} here: {exc}") from None
-        predict = mlmodel.predict
+        predict = mlmodel_predict(model, compute_units)
         runtime = {"name": "coreml", "version": version, "module": "coremltools.models.MLModel"}
         delegate = {"name": f"Core ML {compute_units}", "compute_units": compute_units}
     else:

@@ -73,7 +73,7 @@ def failed_budgets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return failed
 
 
-def _verdict(report: dict[str, Any]) -> None:
+def verdict(report: dict[str, Any]) -> None:
     """Exit code: 3 when a target failed (whatever the budgets say), else 1 when a budget failed, else 0."""
     report.setdefault("failed_targets", [])
     report["failed_budgets"] = failed_budgets(report["rows"])
@@ -156,7 +156,7 @@ def build_report(
         skipped=skipped,
         versions=versions("numpy", "Pillow", "PyYAML", "matplotlib"),
     )
-    _verdict(report)
+    verdict(report)
     return report
 
 
@@ -186,6 +186,6 @@ def render(folder: Path, budgets_path: Path | None = None) -> dict[str, Any]:
             row["pass"] = all(v["pass"] for v in row["budgets"].values())
         report["budgets"] = budgets.to_dict()
     mark_pareto(report["rows"])
-    _verdict(report)
+    verdict(report)
     write_report(Path(folder), report)
     return report

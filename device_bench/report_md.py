@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from device_bench.budgets import LABELS
+from device_bench.coreml_engine import REFERENCE_NOTE
 from device_bench.report import EMULATED_NOTE, MEMORY_SPREAD_MB, PSNR_TIE_DB, tile_text
+from device_bench.xcode_report import NOTE as XCODE_NOTE
 
 _PARETO_SHORT = {"psnr_vs_size": "size", "psnr_vs_peak_rss": "memory", "psnr_vs_latency": "frame latency"}
 
@@ -130,6 +132,18 @@ def _environment_block(env: dict[str, Any], rows: list[dict[str, Any]]) -> list[
 
 def _phase(row: dict[str, Any], phase: str, field: str) -> float | None:
     return ((row.get("memory") or {}).get(phase) or {}).get(field)
+
+
+# What a row's timing note means, for the legend.
+_NOTE_LEGENDS = {
+    REFERENCE_NOTE: "Core ML files run through edgesr's numpy MIL executor where Core ML cannot (Linux): their "
+    "outputs, PSNR and the whole push/run/pull path are real; their times and memory are numpy's, not Core ML's. "
+    "Run the target on a Mac (`compute_units` in the targets file) for Core ML's own figures.",
+    XCODE_NOTE: "figures a user copied from Xcode's Core ML performance report of the same file on the device "
+    "(`device_bench import-xcode`): load and tile latency are Xcode's medians; the frame latency is tiles per frame "
+    "× the median prediction (stitching is not timed) and fps is 1000 / that; Xcode measures no p90, no memory and "
+    "runs no images (the file's PSNR is in the other targets' rows).",
+}
 
 
 def _name(r: dict[str, Any]) -> str:
@@ -316,11 +330,7 @@ def _legend(report: dict[str, Any]) -> list[str]:
         lines.append(f"- **{EMULATED_NOTE}**: emulated targets prove correctness and plumbing, never speed.")
     notes = sorted({r["timing_note"] for r in rows if r.get("timing_note")})
     for note in notes:
-        lines.append(
-            f"- **{note}**: Core ML files run through edgesr's numpy MIL executor where Core ML cannot (Linux): "
-            "their outputs, PSNR and the whole push/run/pull path are real; their times and memory are numpy's, "
-            "not Core ML's. Run the target on a Mac (`compute_units` in the targets file) for Core ML's own figures."
-        )
+        lines.append(f"- **{note}**: {_NOTE_LEGENDS.get(note, 'the runner says so of its own figures.')}")
     return lines
 
 

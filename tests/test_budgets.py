@@ -104,6 +104,21 @@ def test_target_override_decides_the_verdict(tmp_path: Path) -> None:
     assert not other["pass"] and other["margin"] == pytest.approx(-10.0)
 
 
+def test_a_target_null_takes_a_default_away_and_a_report_keeps_its_budgets(tmp_path: Path) -> None:
+    text = "workload: {frame: 160x120, tile: 64}\ndefaults: {max_tile_ms: 30, min_psnr_db: 30}\n"
+    b = load_budgets(write(tmp_path, text + "targets:\n  iphone: {min_psnr_db: null, max_tile_ms: 50}\n"))
+    assert b.for_target("iphone") == {"max_tile_ms": 50.0} and b.for_target("pi") == {
+        "max_tile_ms": 30.0,
+        "min_psnr_db": 30.0,
+    }
+    assert list(check(b, "iphone", ROW)) == ["max_tile_ms"]
+    again = Budgets.from_dict(b.to_dict())  # what import-xcode checks against when no --budgets is given
+    assert again.for_target("iphone") == b.for_target("iphone") and again.for_target("pi") == b.for_target("pi")
+    assert again.workload_for("iphone") == b.workload_for("iphone")
+    with pytest.raises(BadInput, match="defaults.min_psnr_db must be a number"):  # null only in a target's entry
+        load_budgets(write(tmp_path, "defaults: {min_psnr_db: null}\n"))
+
+
 def test_check_units_and_margins() -> None:
     b = Budgets(defaults={"max_model_kb": 500, "max_peak_mb": 100, "min_psnr_db": 32})
     v = check(b, "local", ROW)

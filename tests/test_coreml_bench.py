@@ -115,3 +115,87 @@ def test_targets_that_run_only_tflite_skip_core_ml_with_a_note(coreml, photos, t
         "--out", tmp_path / "out", "--test-set", photos,
     )  # fmt: skip
     assert "on phone: skipped, this target runs no coreml files" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_iphones_xcode_report_becomes_rows_checked_against_budgets(coreml, photos, tmp_path) -> None:
+    """Bench the Core ML files locally (reference executor), import an iPhone's Xcode report of one of them:
+    the row has Xcode's figures, a frame latency derived from the tiles the bench's tiler cuts, no memory or
+    PSNR, the target's budgets (nulls included), and it survives a resumed bench."""
+    out, budgets = tmp_path / "out", tmp_path / "budgets.yaml"
+    budgets.write_text(
+        "defaults: {min_psnr_db: 10, max_frame_ms: 100000}\n"
+        "targets:\n  iphone-15-pro: {max_frame_ms: null, min_psnr_db: null, max_frame_ms_median: 25}\n"
+    )
+    bench = (
+        "device_bench", "bench", coreml["out"], "--out", out, "--test-set", photos, "--overlap", OVERLAP,
+        "--frame", "160x120", "--warmup", 0, "--runs", 1, "--min-seconds", 0, "--budgets", budgets,
+    )  # fmt: skip
+    proc = run_module(*bench)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # The Mac-only function (MLModel) is the one part that cannot run here: asked for, it is a clean no-runtime.
+    (job,) = [j for j in (out / "jobs" / "local").iterdir() if j.name.endswith("sparse")]
+    runner = [find_device_python(), REPO / "device_bench/runner.py", "--job", job, "--runtime", "coreml"]
+    proc = subprocess.run(runner, capture_output=True, text=True, timeout=300)
+    assert (
+        proc.returncode == 3
+        and "[no-runtime]: Core ML cannot load model.mlpackage here: MLModel runs on macOS only" in proc.stderr
+    )
+    package = coreml["out"] / "sparse.mlpackage"
+    xcode = tmp_path / "reports" / "iphone.yaml"
+    xcode.parent.mkdir()
+    xcode.write_text(
+        f"model: {package}\ndevice: iPhone 15 Pro\nos: iOS 18.2\ncompute_units: ALL\nload_ms: 20.5\n"
+        "prediction_ms: 2.5\nxcode: '16.2'\nops: {neural_engine: 40, gpu: 0, cpu: 3}\n"
+    )
+    proc = run_module("device_bench", "import-xcode", xcode, "--out", out)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # 12 tiles x 2.5 ms = 30 ms > 25 ms
+    report = json.loads((out / "report.json").read_text())
+    local = {r["artifact"]: r for r in report["rows"] if r["target"] == "local"}
+    (row,) = [r for r in report["rows"] if r["target"] == "iphone-15-pro"]
+    assert sorted(local) == ["dense.mlpackage", "sparse.mlpackage"]
+    assert (
+        row["sha256"] == local["sparse.mlpackage"]["sha256"]
+        and row["size_bytes"] == local["sparse.mlpackage"]["size_bytes"]
+    )
+    assert row["tiles_per_frame"] == local["sparse.mlpackage"]["tiles_per_frame"] == 12  # 3 rows x 4 columns of 64
+    assert row["latency_ms_median"] == 2.5 and row["frame_ms_median"] == 30.0 and row["fps"] == pytest.approx(1000 / 30)
+    assert row["load_ms"] == 20.5 and row["compute_units"] == "ALL" and row["os_version"] == "iOS 18.2"
+    assert row["peak_rss_mb"] is None and row["psnr_y_db"] is None and row["frame_ms_p90"] is None
+    assert row["xcode_report"]["ops"] == {"neural_engine": 40, "gpu": 0, "cpu": 3}
+    assert list(row["budgets"]) == ["max_frame_ms_median"] and row["budgets"]["max_frame_ms_median"]["value"] == 30.0
+    assert not row["pass"] and report["exit_code"] == 1
+    assert report["environment"]["iphone-15-pro"]["device_model"] == "iPhone 15 Pro"
+    md = (out / "report.md").read_text()
+    assert "sparse.mlpackage (Xcode report: frame = tiles × median prediction; no memory or PSNR measured)" in md
+    assert "iPhone 15 Pro" in md
+
+    # A second report of the same file, device and compute units replaces the first; now it fits.
+    xcode.write_text(xcode.read_text().replace("prediction_ms: 2.5", "prediction_ms: 2.0"))
+    proc = run_module("device_bench", "import-xcode", xcode, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in json.loads((out / "report.json").read_text())["rows"] if r["target"] == "iphone-15-pro"]
+    assert [r["frame_ms_median"] for r in rows] == [24.0] and rows[0]["pass"]
+    # A resumed bench keeps what was imported into its folder.
+    proc = run_module(*bench)
+    assert proc.returncode == 0 and "resuming: 2 measurement(s)" in proc.stderr, proc.stderr[-2000:]
+    rows = [r for r in json.loads((out / "report.json").read_text())["rows"] if r["target"] == "iphone-15-pro"]
+    assert [r["frame_ms_median"] for r in rows] == [24.0] and rows[0]["budgets"]["max_frame_ms_median"]["pass"]
+
+    # Bad reports are refused before anything is written: one line naming the file, exit 2.
+    before = (out / "report.json").read_bytes()
+    fake = tmp_path / "reports" / "other.mlpackage"
+    fake.mkdir()
+    (fake / "Manifest.json").write_text("{}")
+    for text, problem in [
+        (xcode.read_text().replace("ALL", "NEURAL"), "compute_units must be one of"),
+        (xcode.read_text().replace("prediction_ms: 2.0", "prediction_ms: -1"), "prediction_ms must be > 0"),
+        (xcode.read_text().replace("load_ms: 20.5\n", ""), "missing load_ms"),
+        (xcode.read_text() + "memory_mb: 3\n", "unknown key 'memory_mb'"),
+        (xcode.read_text().replace(str(package), "other.mlpackage"), "is not among the Core ML files benched"),
+        (xcode.read_text() + "target: local\n", "is a measured target"),
+    ]:
+        bad = tmp_path / "reports" / "bad.yaml"
+        bad.write_text(text)
+        proc = run_module("device_bench", "import-xcode", xcode, bad, "--out", out)
+        assert proc.returncode == 2 and problem in proc.stderr and str(bad) in proc.stderr, (problem, proc.stderr)
+        assert (out / "report.json").read_bytes() == before
