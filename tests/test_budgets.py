@@ -43,6 +43,8 @@ def test_example_file_and_per_target_override() -> None:
     assert b.workload_for("local") == Workload(frame=(540, 960), tiles=(128,))
     assert b.workload_for("pi") == Workload(frame=(540, 960), tiles=(96,))  # its own tile, the top-level frame
     assert "workload" not in b.for_target("pi")
+    # An imported Xcode report's target: its nulls take away what Xcode never measures.
+    assert b.for_target("iphone15") == {"max_model_kb": 600, "max_download_kb": 500, "max_frame_ms_median": 2000}
 
 
 def test_command_line_workload_overrides_the_file() -> None:
