@@ -15,8 +15,6 @@ weights only: it goes with `--model MODULE:FACTORY --weights FILE` (`unwrap_stat
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,7 +54,7 @@ def torch_load(path: str | Path) -> Any:
         raise BadInput(f"{path}: {'not a regular file' if path.exists() else 'no such checkpoint file'}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # garbage bytes reach any error in the unpickler (IndexError, KeyError, struct.error…)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise BadInput(f"{path}: not a readable torch checkpoint ({first[:160]})") from None
 
