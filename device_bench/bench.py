@@ -304,8 +304,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             if row is None:
                 continue
             row = {**row, "resumed": record is not None and a.key not in o.rows}
-            row["budgets"] = budgets_mod.check(budgets, o.target.name, row)
-            row["pass"] = all(v["pass"] for v in row["budgets"].values())
+            budgets_mod.judge(budgets, row)
             rows.append(row)
             if record is not None and o.target.name not in environment:
                 environment[o.target.name] = record.get("environment") or {}
@@ -316,8 +315,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             environment.setdefault(o.target.name, _safe_info(o.target))
     imported, imported_env = xcode_report.imported_rows(prior, {a.sha256 for a in artifacts})
     for row in imported:  # Xcode reports imported into this folder stay in its report
-        row["budgets"] = budgets_mod.check(budgets, row["target"], row)
-        row["pass"] = all(v["pass"] for v in row["budgets"].values())
+        budgets_mod.judge(budgets, row)
         rows.append(row)
     for name, env in imported_env.items():
         environment.setdefault(name, env)

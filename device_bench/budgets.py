@@ -196,3 +196,9 @@ def check(budgets: Budgets, target: str, row: dict[str, Any]) -> dict[str, dict[
             verdict["delta_pct"] = (value - limit) / limit * 100 if limit else None
         verdicts[key] = verdict
     return verdicts
+
+
+def judge(budgets: Budgets, row: dict[str, Any]) -> None:
+    """Record on a report row its verdicts (`check` on its own target) and whether they all pass."""
+    row["budgets"] = check(budgets, row["target"], row)
+    row["pass"] = all(v["pass"] for v in row["budgets"].values())

@@ -130,7 +130,7 @@ def mlmodel_predict(model: Path, compute_units: str) -> Callable[[dict[str, np.n
         import coremltools as ct
 
         mlmodel = ct.models.MLModel(str(model), compute_units=getattr(ct.ComputeUnit, compute_units))
-    except Exception as exc:  # no compiled framework here (not macOS), or Core ML refused the package
+    except Exception as exc:  # Core ML refused the package (or its compiled framework is missing)
         raise CoreMLError("no-runtime", f"Core ML cannot load {model.name} here: {exc}") from None
     return mlmodel.predict
 

@@ -73,7 +73,7 @@ def failed_budgets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return failed
 
 
-def verdict(report: dict[str, Any]) -> None:
+def _verdict(report: dict[str, Any]) -> None:
     """Exit code: 3 when a target failed (whatever the budgets say), else 1 when a budget failed, else 0."""
     report.setdefault("failed_targets", [])
     report["failed_budgets"] = failed_budgets(report["rows"])
@@ -156,7 +156,7 @@ def build_report(
         skipped=skipped,
         versions=versions("numpy", "Pillow", "PyYAML", "matplotlib"),
     )
-    verdict(report)
+    _verdict(report)
     return report
 
 
@@ -176,16 +176,27 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 def render(folder: Path, budgets_path: Path | None = None) -> dict[str, Any]:
     """Re-render report.md and the plots from <folder>/report.json; with a budgets file, re-check the rows first."""
+    report = load_report(folder)
+    budgets = budgets_mod.load_budgets(budgets_path) if budgets_path is not None else None
+    rewrite(Path(folder), report, budgets)
+    return report
+
+
+def load_report(folder: Path) -> dict[str, Any]:
+    """<folder>/report.json, which must be a bench report."""
     report = read_json(Path(folder) / "report.json")
     if report.get("kind") != "bench" or not isinstance(report.get("rows"), list):
         raise BadInput(f"{folder}/report.json: not a device_bench report")
-    if budgets_path is not None:
-        budgets = budgets_mod.load_budgets(budgets_path)
+    return report
+
+
+def rewrite(out: Path, report: dict[str, Any], budgets: budgets_mod.Budgets | None = None) -> None:
+    """Write an existing report again after its rows changed: with `budgets`, every row is re-checked against
+    them (and they are recorded); then the Pareto marks, the verdict, report.json, report.md and the plots."""
+    if budgets is not None:
         for row in report["rows"]:
-            row["budgets"] = budgets_mod.check(budgets, row["target"], row)
-            row["pass"] = all(v["pass"] for v in row["budgets"].values())
+            budgets_mod.judge(budgets, row)
         report["budgets"] = budgets.to_dict()
     mark_pareto(report["rows"])
-    verdict(report)
-    write_report(Path(folder), report)
-    return report
+    _verdict(report)
+    write_report(out, report)

@@ -39,7 +39,7 @@ from device_bench.coreml_engine import COMPUTE_UNITS
 from device_bench.results import RESULTS_NAME, ResultsLog, key_id
 from device_bench.runner import tile_regions
 from edgesr.errors import BadInput
-from edgesr.manifest import provenance, read_json, read_yaml, sha256
+from edgesr.manifest import provenance, read_yaml, sha256
 from edgesr.workload import Size, parse_frame
 
 log = logging.getLogger("device_bench")
@@ -238,9 +238,7 @@ def import_reports(
     rows to results.jsonl, check them against the budgets (--budgets, else those the report recorded) and write
     report.json, report.md and the plots again. Returns the report."""
     out = Path(out)
-    report = read_json(out / "report.json")
-    if report.get("kind") != "bench" or not isinstance(report.get("rows"), list):
-        raise BadInput(f"{out}/report.json: not a device_bench report")
+    report = report_mod.load_report(out)
     budgets = (
         budgets_mod.load_budgets(budgets_path)
         if budgets_path is not None
@@ -265,8 +263,8 @@ def import_reports(
         new.append((row, environment(rep)))
     results = ResultsLog(out / RESULTS_NAME)
     finished = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
-    latest = {report_key(row): (row, env) for row, env in new}  # the same report twice: the later file wins
-    rows = [r for r in report["rows"] if report_key(r) not in latest]
+    latest = {key_id(record_key(row)): (row, env) for row, env in new}  # the same report twice: the later wins
+    report["rows"] = [r for r in report["rows"] if r.get("source") != SOURCE or key_id(record_key(r)) not in latest]
     for row, env in latest.values():
         results.append(
             {"key": record_key(row), "row": row, "environment": env, "finished": finished, "provenance": provenance()}
@@ -280,19 +278,8 @@ def import_reports(
             row["latency_ms_median"],
             f"{row['frame_ms_median']:.1f} ms ({row['tiles_per_frame']} tiles)" if row["frame_ms_median"] else "—",
         )
-        rows.append(row)
-    for row in rows if budgets_path is not None else [r for r, _ in latest.values()]:
-        row["budgets"] = budgets_mod.check(budgets, row["target"], row)
-        row["pass"] = all(v["pass"] for v in row["budgets"].values())
-    if budgets_path is not None:
-        report["budgets"] = budgets.to_dict()
-    report["rows"] = rows
-    report_mod.mark_pareto(rows)
-    report_mod.verdict(report)
-    report_mod.write_report(out, report)
+        if budgets_path is None:  # only the new rows: the others keep the verdicts the report recorded
+            budgets_mod.judge(budgets, row)
+        report["rows"].append(row)
+    report_mod.rewrite(out, report, budgets if budgets_path is not None else None)
     return report
-
-
-def report_key(row: dict[str, Any]) -> str:
-    """An imported row's record key; every measured row is its own."""
-    return key_id(record_key(row)) if row.get("source") == SOURCE else f"bench:{id(row)}"
